@@ -177,8 +177,13 @@ def build_model(config: NVLMConfig, *, projector_bias: bool = False, device="met
 
 
 def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    progress: bool = False) -> NVLM:
-    """Read an NVLM-D checkpoint directory into an `NVLM` module (eval mode) on `device` in `dtype`."""
+                    device_map: dict | None = None, progress: bool = False) -> NVLM:
+    """Read an NVLM-D checkpoint directory into an `NVLM` module (eval mode) on `device` in `dtype`.
+
+    With a `device_map` ({module prefix: device}, see placement.py) each tensor goes straight to its own device.
+    """
+    from .placement import device_for
+
     directory = Path(path)
     config = NVLMConfig.from_file(directory)
     tensors = checkpoint_tensors(directory)
@@ -232,7 +237,7 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
                     t = _slice_dummy(k, t, config, padded)
                 if t.is_floating_point():
                     t = t.to(dtype)
-                state[k] = t.to(device).contiguous()
+                state[k] = t.to(device_for(k, device_map) if device_map else device).contiguous()
                 if bar is not None:
                     bar.update(tensors[k].end - tensors[k].start)
     if bar is not None:
@@ -284,6 +289,13 @@ def export_state_dict(model: NVLM, dtype: torch.dtype | None = None) -> dict[str
             t = t.to(dtype)
         out[k] = _pad_dummy(k, t, config).contiguous()
     return out
+
+
+def stored_shapes(model: NVLM) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor as the official layout stores it (dummy heads included); works on `meta`."""
+    tied = model.config.llm_config.tie_word_embeddings
+    return {k: tuple(_pad_dummy(k, t, model.config).shape) for k, t in model.state_dict().items()
+            if not (tied and k == "language_model.lm_head.weight")}
 
 
 def save_checkpoint(model: NVLM, directory: str | Path, *, tokenizer=None, dtype: torch.dtype | None = None,
