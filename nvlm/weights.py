@@ -1,9 +1,10 @@
 """Checkpoint I/O in the official Hugging Face layout: config.json + safetensors shards + index + tokenizer files.
 
 Notable:
-- The model is built on the `meta` device and every tensor is read straight from its shard into its final buffer
-  (`readinto` on the safetensors byte range; no mmap, no state-dict copy), cast to the requested dtype one tensor at
-  a time, then attached with `load_state_dict(assign=True)`. Peak RAM stays near the size of the weights.
+- The model is built on the `meta` device and tensors are attached with `load_state_dict(assign=True)`. On the CPU,
+  a tensor already in the requested dtype is memory-mapped from its shard (copy-on-write, zero-copy); any other is
+  read with `readinto` straight into a buffer and cast/moved one tensor at a time. Peak RAM stays near the size of
+  the weights (benchmarks/bench_load.py).
 - The official checkpoint mixes fp32 (ViT qkv/proj/q_norm/k_norm, LLM q/k/v) and bf16 tensors; each tensor is read
   in its stored dtype and cast deliberately.
 - InternViT-6B's 7 all-zero dummy heads (32 stored, 25 real) are detected from the `attn.qkv.weight` shape, checked
@@ -15,8 +16,10 @@ Notable:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from .config import NVLMConfig
 from .model import NVLM
@@ -171,8 +175,24 @@ def _is_dummy_sliced(name: str) -> bool:
         ("attn.qkv.weight", "attn.qkv.bias", "attn.q_norm.weight", "attn.k_norm.weight", "attn.proj.weight"))
 
 
+@contextlib.contextmanager
+def _no_init():
+    """Skip the modules' random init while building: the weights are about to be replaced (and on `meta`,
+    `normal_` would pull in torch's Python decompositions, a one-off ~1 s import)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_", "constant_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
 def build_model(config: NVLMConfig, *, projector_bias: bool = False, device="meta") -> NVLM:
-    with torch.device(device):
+    """The module tree without meaningful weights (on `meta` by default: no memory at all)."""
+    with torch.device(device), _no_init():
         return NVLM(config, projector_bias=projector_bias)
 
 
@@ -231,15 +251,29 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
                    desc="loading weights")
     for file, keys in by_file.items():
         with open(file, "rb", buffering=0) as handle:
+            mapped = None
             for k in sorted(keys, key=lambda k: tensors[k].start):
-                t = _read(tensors[k], handle)
-                if dummy and _is_dummy_sliced(k):
-                    t = _slice_dummy(k, t, config, padded)
-                if t.is_floating_point():
-                    t = t.to(dtype)
-                state[k] = t.to(device_for(k, device_map) if device_map else device).contiguous()
+                info = tensors[k]
+                dev = device_for(k, device_map) if device_map else torch.device(device)
+                sliced = dummy and _is_dummy_sliced(k)
+                if (dev.type == "cpu" and not sliced and info.end > info.start
+                        and (info.dtype == dtype or not info.dtype.is_floating_point)
+                        and info.start % info.dtype.itemsize == 0):
+                    # Zero-copy: the tensor *is* the file's pages (copy-on-write), read in on first use.
+                    if mapped is None:
+                        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                    t = torch.frombuffer(mapped, dtype=info.dtype, count=(info.end - info.start) // info.dtype.itemsize,
+                                         offset=info.start).view(info.shape)
+                else:
+                    t = _read(info, handle)
+                    if sliced:
+                        t = _slice_dummy(k, t, config, padded)
+                    if t.is_floating_point():
+                        t = t.to(dtype)
+                    t = t.to(dev).contiguous()
+                state[k] = t
                 if bar is not None:
-                    bar.update(tensors[k].end - tensors[k].start)
+                    bar.update(info.end - info.start)
     if bar is not None:
         bar.close()
     model.load_state_dict(state, strict=not tied, assign=True)
@@ -252,8 +286,6 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
 
 def _atomic_dir(target: Path):
     """Context manager: yields a temp dir beside `target`; on success it replaces `target` in one rename."""
-    import contextlib
-
     @contextlib.contextmanager
     def cm():
         target.parent.mkdir(parents=True, exist_ok=True)
