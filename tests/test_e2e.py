@@ -141,3 +141,23 @@ def test_console_script_runs(ckpt, image_path):
                           "--max-new-tokens", "2", "--json", "hi"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["num_tiles"] == [7]
+
+
+def test_interactive_chat_multi_turn(ckpt, image_path, tmp_path):
+    script = "\n".join([f"/image {image_path}", "How many?", "/image /nonexistent.png", "And now?", "/reset",
+                        "Hello", "/exit"]) + "\n"
+    out = subprocess.run([sys.executable, "-m", "nvlm", "chat", "--model", str(ckpt), "--max-new-tokens", "3",
+                          "--max-tiles", "2"], input=script, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "(image attached:" in out.stderr and "/nonexistent.png" in out.stderr
+    assert "(conversation cleared)" in out.stderr and "Traceback" not in out.stderr
+    assert out.stdout.count(">>> ") == 7  # one prompt per input line
+
+
+def test_bfloat16_on_cpu(ckpt, image_path):
+    import nvlm
+
+    pipe = nvlm.load(ckpt, device="cpu", dtype="bfloat16")
+    assert next(pipe.model.parameters()).dtype == torch.bfloat16
+    r = pipe.chat("Describe", image_path, max_new_tokens=4)
+    assert 1 <= len(r.output_token_ids) <= 4 and all(t < len(pipe.tokenizer) for t in r.output_token_ids)
