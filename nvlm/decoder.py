@@ -151,6 +151,9 @@ class Qwen2ForCausalLM(nn.Module):
         x = x.to(self.model.norm.weight.device)
         return self.model.norm(x)
 
-    def forward(self, embeds, position_ids, mask=None, cache=None, cache_pos: int = 0):
+    def forward(self, embeds, position_ids, mask=None, cache=None, cache_pos: int = 0, last_only: bool = False):
+        """Logits (B, T, vocab); with `last_only`, (B, 1, vocab) for the last position (prefill needs no more)."""
         h = self.hidden_states(embeds, position_ids, mask, cache, cache_pos)
+        if last_only:
+            h = h[:, -1:]
         return self.lm_head(h.to(self.lm_head.weight.device))

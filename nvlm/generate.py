@@ -149,7 +149,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     next_pos = positions[:, -1:] + 1  # (B, 1)
 
     embeds = model.embed(ids, image_features)
-    logits = lm(embeds, positions, mask, cache, 0)[:, -1]
+    logits = lm(embeds, positions, mask, cache, 0, last_only=True)[:, -1]
     for step in range(params.max_new_tokens):
         logits = logits[:, :vocab_limit].float().to(device)
         logprobs = logits.log_softmax(-1) if params.logprobs else None

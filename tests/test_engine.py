@@ -34,13 +34,15 @@ class MockLM(nn.Module):
         self.model.layers = nn.ModuleList([_Layer()])
         self.forward_tokens = []  # how many tokens each forward call processed
 
-    def forward(self, embeds, positions, mask, cache, cache_pos):
+    def forward(self, embeds, positions, mask, cache, cache_pos, last_only=False):
         tokens = embeds[..., 0].round().long()  # (B, T)
         B, T = tokens.shape
         self.forward_tokens.append(B * T)
         kv = tokens[:, None, :, None].float().expand(B, 1, T, 1)
         cache[0].update(cache_pos, kv, kv)
         nxt = (tokens + 1) % V
+        if last_only:
+            nxt = nxt[:, -1:]
         return torch.nn.functional.one_hot(nxt, V).float() * 10
 
 

@@ -431,7 +431,7 @@ class Engine:
                 mask = torch.ones(T, reuse + T, dtype=torch.bool, device=self.device).tril(reuse)[None, None]
             slot.keys = keys[:reuse]
             logits = self.model.language_model(embeds, positions, mask, self.pool.prefill_views(slot_idx),
-                                               reuse)[0, -1]
+                                               reuse, last_only=True)[0, -1]
             slot.keys = keys
         except Exception:
             self._release(slot_idx, keep=False)

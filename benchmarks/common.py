@@ -1,0 +1,68 @@
+"""Shared helpers for the benchmarks: a random model of a preset, its transformers twin, memory bandwidth."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+
+def build(preset_name: str, dtype: torch.dtype, seed: int = 0):
+    from nvlm.config import preset
+    from nvlm.weights import random_model
+
+    cfg = preset(preset_name)
+    model = random_model(cfg, seed=seed, dtype=dtype)
+    model.image_token_id = cfg.llm_config.vocab_size - 1  # an id no random prompt uses
+    return model
+
+
+def hf_qwen2(model, dtype: torch.dtype, attn: str = "sdpa"):
+    """transformers' Qwen2ForCausalLM holding the same weights as `model.language_model`."""
+    import transformers
+
+    c = model.config.llm_config
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+        attn_implementation=attn, pad_token_id=0)
+    with torch.device("meta"):
+        hf = transformers.Qwen2ForCausalLM(hf_cfg)
+    hf.load_state_dict(model.language_model.state_dict(), strict=False, assign=True)
+    if c.tie_word_embeddings:
+        hf.tie_weights()
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)  # buffers were on meta
+    return hf.to(dtype).eval()
+
+
+def memory_bandwidth(gb: float = 1.0, repeats: int = 5) -> float:
+    """Measured read bandwidth (bytes/s): the best of `repeats` full reductions over a `gb`-GB tensor."""
+    x = torch.ones(int(gb * 1e9 / 4), dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def timed(fn, repeats: int = 1):
+    """(best seconds, last result)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def emit(rows: list[tuple], header: tuple, result: dict) -> None:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print(json.dumps(result))
