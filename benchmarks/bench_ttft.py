@@ -20,37 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import build, emit, hf_qwen2  # noqa: E402
+from common import build, emit, hf_qwen2, model_card_pixels  # noqa: E402
 
 from nvlm.engine import Engine, ImageInput, Request, image_key  # noqa: E402
 from nvlm.generate import SamplingParams  # noqa: E402
 from nvlm.image import find_grid, preprocess  # noqa: E402
 from nvlm.prompt import encode_conversation  # noqa: E402
 from nvlm.tokenizer import build_byte_tokenizer  # noqa: E402
-
-MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-
-
-def model_card_pixels(img: Image.Image, max_num: int, size: int) -> torch.Tensor:
-    """The model card's load_image: dynamic_preprocess, then per tile ToTensor + Normalize (torchvision's math)."""
-    cols, rows = find_grid(*img.size, max_num=max_num, image_size=size)
-    resized = img.resize((cols * size, rows * size))
-    tiles = [resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows)
-             for c in range(cols)]
-    if len(tiles) > 1:
-        tiles.append(img.resize((size, size)))
-    out = []
-    for t in tiles:
-        x = torch.from_numpy(np.array(t)).permute(2, 0, 1).float().div(255)
-        out.append((x - torch.tensor(MEAN, dtype=torch.float32)[:, None, None])
-                   / torch.tensor(STD, dtype=torch.float32)[:, None, None])
-    return torch.stack(out)
-
 
 def hf_vision(model):
     import transformers

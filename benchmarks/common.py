@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 
 def build(preset_name: str, dtype: torch.dtype, seed: int = 0):
@@ -66,3 +68,26 @@ def emit(rows: list[tuple], header: tuple, result: dict) -> None:
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     print(json.dumps(result))
+
+
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def model_card_pixels(img: Image.Image, max_num: int, size: int) -> torch.Tensor:
+    """The model card's load_image: dynamic_preprocess, then per tile ToTensor + Normalize (torchvision's math)."""
+    from nvlm.image import find_grid
+
+    cols, rows = find_grid(*img.size, max_num=max_num, image_size=size)
+    resized = img.resize((cols * size, rows * size))
+    tiles = [resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows)
+             for c in range(cols)]
+    if len(tiles) > 1:
+        tiles.append(img.resize((size, size)))
+    out = []
+    for t in tiles:
+        x = torch.from_numpy(np.array(t)).permute(2, 0, 1).float().div(255)
+        out.append((x - torch.tensor(MEAN, dtype=torch.float32)[:, None, None])
+                   / torch.tensor(STD, dtype=torch.float32)[:, None, None])
+    return torch.stack(out)
+
+

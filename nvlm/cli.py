@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from .eval.score import add_eval_score_parser
         add_eval_score_parser(esub)
+        from .eval.cli import add_eval_run_parsers
+        add_eval_run_parsers(esub)
     except ImportError:  # pragma: no cover - eval package missing from a partial install
         pass
     p.set_defaults(func=lambda a: (p.print_help(), EXIT_USAGE)[1])
