@@ -50,6 +50,10 @@ def main() -> None:
 
     model = build(args.preset, dtype)
     hf = hf_qwen2(model, dtype)
+    if dtype != torch.float32:
+        from nvlm.fast import use_gemv
+
+        use_gemv(model)  # what nvlm.load does on CPU in half precision
     V = model.config.llm_config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 150000, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.requests)]

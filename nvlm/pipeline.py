@@ -183,5 +183,9 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: st
     dt = parse_dtype(dtype, device)
     dmap = resolve_device_map(device_map, NVLMConfig.from_file(directory), dt) if device_map else None
     model = load_checkpoint(directory, dtype=dt, device=device, device_map=dmap, progress=progress)
+    if torch.device(device).type == "cpu" and dt in (torch.bfloat16, torch.float16) and dmap is None:
+        from .fast import use_gemv
+
+        use_gemv(model)  # ~1.3x batch-1 decode on CPU in half precision
     tokenizer = Tokenizer.from_dir(directory)
     return Pipeline(model, tokenizer, directory)

@@ -165,3 +165,23 @@ def test_context_overflow_is_an_error(model):
     params = SamplingParams(max_new_tokens=5000)
     with pytest.raises(ValueError, match="context"):
         next(generate_tokens(model, [[1, 2]], params, stop_ids=[STOP], vocab_limit=LIMIT))
+
+
+def test_gemv_transform_matches_linear():
+    from nvlm.fast import GemvLinear, use_gemv
+
+    m = random_model(preset("tiny", vocab_size=VOCAB), seed=2)
+    m.image_token_id = 299
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        ref = m(ids)
+    use_gemv(m)
+    assert all(type(x) is not torch.nn.Linear for x in m.language_model.modules())
+    assert isinstance(m.language_model.lm_head, GemvLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), ref)  # multi-row: the F.linear path
+        lin = m.language_model.model.layers[0].self_attn.q_proj  # has a bias
+        x = torch.randn(1, 1, lin.in_features)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
+    out = run(m, PROMPTS[:1])[0].token_ids
+    assert out == reference_greedy(m, PROMPTS[0], 12)
