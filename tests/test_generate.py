@@ -171,7 +171,7 @@ def test_gemv_transform_matches_linear():
     from nvlm.fast import GemvLinear, use_gemv
 
     m = random_model(preset("tiny", vocab_size=VOCAB), seed=2)
-    m.image_token_id = 299
+    m.image_token_id = 310  # beyond LIMIT: never generated
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         ref = m(ids)
