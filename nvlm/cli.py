@@ -1,7 +1,8 @@
 """`nvlm <verb>`: one CLI, each verb a thin call into the library.
 
 Verbs: `chat` (one-shot or interactive), `init` (random checkpoint of a preset in the official layout),
-`eval score` (score a predictions file). Errors the user can fix print one line and exit with status 2.
+`serve` (OpenAI-compatible server + chat page), `eval run|score|report`, `train`, `plot`. Errors the user can fix
+print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -241,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - eval package missing from a partial install
         pass
     p.set_defaults(func=lambda a: (p.print_help(), EXIT_USAGE)[1])
+
+    from .serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
+
+    try:
+        from .train.cli import add_train_parsers
+        add_train_parsers(sub)
+    except ImportError:  # pragma: no cover - train package missing from a partial install
+        pass
     return parser
 
 

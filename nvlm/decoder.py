@@ -133,7 +133,7 @@ class Qwen2ForCausalLM(nn.Module):
         """One KVCache per layer, each on the device of its layer (so multi-device placement just works)."""
         caches = []
         for layer in self.model.layers:
-            w = layer.self_attn.k_proj.weight
+            w = layer.input_layernorm.weight  # a float tensor even when the linears are quantized
             caches.append(KVCache(batch, self.config.num_key_value_heads, max_len, self.config.head_dim,
                                   dtype or w.dtype, device or w.device))
         return caches

@@ -19,8 +19,7 @@ V = 100
 class _Layer(nn.Module):
     def __init__(self):
         super().__init__()
-        self.self_attn = nn.Module()
-        self.self_attn.k_proj = nn.Linear(4, 4)
+        self.input_layernorm = nn.LayerNorm(4)  # the pool reads dtype/device from here
 
 
 class MockLM(nn.Module):

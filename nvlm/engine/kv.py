@@ -47,8 +47,8 @@ class SlotPool:
         self.num_slots, self.max_len = num_slots, max_len
         self.k, self.v = [], []
         for layer in language_model.model.layers:
-            w = layer.self_attn.k_proj.weight
-            dt = dtype or (w.dtype if w.is_floating_point() else torch.bfloat16)
+            w = layer.input_layernorm.weight  # a float tensor even when the linears are quantized
+            dt = dtype or w.dtype
             shape = (num_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
             self.k.append(torch.zeros(shape, dtype=dt, device=w.device))
             self.v.append(torch.zeros(shape, dtype=dt, device=w.device))
