@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
+    from .train.synthetic import add_synth_parser
+
+    add_synth_parser(sub)
+
     try:
         from .train.cli import add_train_parsers
         add_train_parsers(sub)

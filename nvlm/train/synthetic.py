@@ -1,0 +1,616 @@
+"""Procedural shapes-and-text scenes with questions and answers, for training a tiny NVLM-D from scratch.
+
+What is notable:
+- A scene is 1-6 coloured shapes and 0-2 short text snippets, each alone in one cell of a 3x3 grid, so nothing
+  overlaps and a position ("top left", "center", ...) names at most one thing. Geometry is stored as fractions of
+  the cell, so a hand-built `Scene` needs only names and cells.
+- Image sizes are `tile_size` times a (cols, rows) grid of 1x1, 2x1, 1x2, 2x2, 3x2 or 2x3, scaled by 0.85-1.15 with
+  a +-3% aspect jitter, so that `nvlm.image.find_grid` picks those grids and tiles are not exact crops.
+- Shapes are a fraction of their cell, so they stay recognisable in the SxS thumbnail. Text is Pillow's built-in
+  bitmap font (5x7 glyphs, 1-2 px strokes; no font files, identical on every machine) at a fixed pixel size: crisp
+  in the full-resolution tiles, blurred in the thumbnail, which shrinks the image 2x (2x1, 1x2: squeezed along one
+  axis; 2x2: partly guessable) to 3x (3x2, 2x3: gone). On a 1x1 image there is no thumbnail and the only tile
+  shows the text crisp.
+- Questions are asked only when they have one answer: "What colour is the circle?" only if there is one circle
+  (otherwise "... the circle at the top left?"); "Where is the red star?" only if there is one red star.
+- Existence questions are yes/no balanced by a coin; half the "no" answers are near misses (the colour and the
+  shape both occur, but not together), so the model has to bind attributes to objects.
+- The held-out split is by scene and does not depend on n_train: test scenes come from their own random stream, and
+  a training scene whose content (grid, shapes and texts by cell) equals a test scene's is skipped.
+- Output is byte-identical for a seed: pure-Python `random` seeded with strings (SHA-512, no hash randomisation),
+  PNGs without metadata, JSON written in a fixed key order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Container, Iterable, Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = {  # clearly distinct hues, all far from the near-white background and the near-black text
+    "red": (220, 40, 40),
+    "orange": (245, 140, 20),
+    "yellow": (235, 205, 30),
+    "green": (40, 160, 70),
+    "blue": (40, 90, 220),
+    "purple": (145, 65, 190),
+}
+POSITIONS = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
+GRIDS = ((1, 1), (2, 1), (1, 2), (2, 2), (3, 2), (2, 3))  # (cols, rows) of tile_size
+# Uppercase letters and digits without the pairs a 5x7 font makes ambiguous (I/1, O/0).
+TEXT_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+QTYPES = ("colour", "shape", "count", "position", "exist", "ocr")
+DESCRIBE_PROMPT = "Describe every object and text in the image."
+GLYPH_W, GLYPH_H = 6, 11  # advance and line height of Pillow's bitmap font, in pixels
+SUPERSAMPLE = 4  # shapes are drawn 4x larger and box-filtered down, for anti-aliased edges
+MIN_TILE_SIZE = 48  # a 1x1 image's cell must hold two glyphs
+
+
+@lru_cache(maxsize=1)
+def _font() -> ImageFont.ImageFont:
+    # load_default() returns a FreeType font when FreeType is present (Pillow >= 10.1); the bitmap one is the same
+    # on every machine, which the byte-identical output needs.
+    loader = getattr(ImageFont, "load_default_imagefont", None)
+    return loader() if loader else ImageFont.load_default()
+
+
+# ------------------------------------------------------------------------------------------------------- scenes
+
+
+@dataclass(frozen=True)
+class Obj:
+    """A filled shape alone in one cell of the 3x3 grid."""
+
+    shape: str
+    colour: str
+    cell: tuple[int, int]  # (col, row), 0..2 each
+    size: float = 0.7  # diameter as a fraction of the cell's shorter side
+    offset: tuple[float, float] = (0.0, 0.0)  # centre shift from the cell centre, as fractions of the cell's sides
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell[1]][self.cell[0]]
+
+
+@dataclass(frozen=True)
+class Text:
+    """A short uppercase/digit string alone in one cell, in the bitmap font."""
+
+    text: str
+    cell: tuple[int, int]
+    offset: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell[1]][self.cell[0]]
+
+
+@dataclass(frozen=True)
+class Scene:
+    size: tuple[int, int]  # (width, height) in pixels
+    objects: tuple[Obj, ...]
+    texts: tuple[Text, ...] = ()
+    background: tuple[int, int, int] = (255, 255, 255)
+    text_colour: tuple[int, int, int] = (0, 0, 0)
+    text_scale: int = 1  # integer upscale of the bitmap font (nearest neighbour)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", tuple(self.size))
+        object.__setattr__(self, "objects", tuple(self.objects))
+        object.__setattr__(self, "texts", tuple(self.texts))
+        w, h = self.size
+        if w < 3 or h < 3:
+            raise ValueError(f"scene size must be at least 3x3, got {w}x{h}")
+        cells = [o.cell for o in self.objects] + [t.cell for t in self.texts]
+        if len(set(cells)) != len(cells):
+            raise ValueError(f"two items share a cell: {sorted(cells)}")
+        for c, r in cells:
+            if not (0 <= c < 3 and 0 <= r < 3):
+                raise ValueError(f"cell {(c, r)} is outside the 3x3 grid")
+        for o in self.objects:
+            if o.shape not in SHAPES or o.colour not in COLOURS:
+                raise ValueError(f"unknown shape or colour in {o}; shapes {SHAPES}, colours {tuple(COLOURS)}")
+        cw, ch = w / 3, h / 3
+        for t in self.texts:
+            if not t.text or any(ch_ not in TEXT_CHARS for ch_ in t.text):
+                raise ValueError(f"text {t.text!r} must be non-empty and use only {TEXT_CHARS!r}")
+            tw, th = GLYPH_W * len(t.text) * self.text_scale, GLYPH_H * self.text_scale
+            if tw > cw or th > ch:
+                raise ValueError(f"text {t.text!r} ({tw}x{th} px) does not fit its {cw:.0f}x{ch:.0f} px cell")
+
+    def key(self) -> tuple:
+        """What a question can ask about: shapes and texts by cell (not sizes, offsets or ink colours)."""
+        return (tuple(sorted((o.cell, o.shape, o.colour) for o in self.objects)),
+                tuple(sorted((t.cell, t.text) for t in self.texts)))
+
+
+def _cell_box(size: tuple[int, int], cell: tuple[int, int]) -> tuple[float, float, float, float]:
+    w, h = size
+    c, r = cell
+    return c * w / 3, r * h / 3, (c + 1) * w / 3, (r + 1) * h / 3
+
+
+def generate_scene(
+    rng: random.Random,
+    *,
+    tile_size: int = 112,
+    grids: Sequence[tuple[int, int]] = GRIDS,
+    min_objects: int = 1,
+    max_objects: int = 6,
+    text_prob: float = 0.7,
+    max_texts: int = 2,
+    text_scale: int = 1,
+) -> Scene:
+    """A random scene: an image `grid * tile_size` (jittered), 1-6 shapes and, with `text_prob`, 1-`max_texts` texts."""
+    if tile_size < MIN_TILE_SIZE * text_scale:
+        raise ValueError(f"tile_size must be >= {MIN_TILE_SIZE * text_scale} for text_scale={text_scale}, "
+                         f"got {tile_size}")
+    if not 1 <= min_objects <= max_objects or max_objects + max_texts > 9:
+        raise ValueError(f"need 1 <= min_objects <= max_objects and max_objects + max_texts <= 9, got "
+                         f"{min_objects}, {max_objects}, {max_texts}")
+    cols, rows = rng.choice(list(grids))
+    scale, aspect = rng.uniform(0.85, 1.15), rng.uniform(0.97, 1.03)
+    w, h = round(cols * tile_size * scale * aspect), round(rows * tile_size * scale / aspect)
+    cw, ch = w / 3, h / 3
+
+    n_obj = rng.randint(min_objects, max_objects)
+    n_txt = rng.randint(1, max_texts) if max_texts and rng.random() < text_prob else 0
+    cells = rng.sample([(c, r) for r in range(3) for c in range(3)], n_obj + n_txt)
+
+    objects = []
+    for cell in cells[:n_obj]:
+        size = rng.uniform(0.5, 0.8)
+        d = size * min(cw, ch)
+        # The shift keeps the shape well inside its cell (40% of the slack stays as margin on each side).
+        sx, sy = 0.3 * (1 - d / cw), 0.3 * (1 - d / ch)
+        objects.append(Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), cell, round(size, 3),
+                           (round(rng.uniform(-sx, sx), 3), round(rng.uniform(-sy, sy), 3))))
+    texts = []
+    max_chars = min(4, int((cw - 2) // (GLYPH_W * text_scale)))
+    for cell in cells[n_obj:]:
+        s = "".join(rng.choice(TEXT_CHARS) for _ in range(rng.randint(2, max_chars)))
+        tw, th = GLYPH_W * len(s) * text_scale, GLYPH_H * text_scale
+        sx, sy = 0.3 * (1 - tw / cw), 0.3 * (1 - th / ch)
+        texts.append(Text(s, cell, (round(rng.uniform(-sx, sx), 3), round(rng.uniform(-sy, sy), 3))))
+    g = rng.randint(225, 255)
+    return Scene((w, h), tuple(objects), tuple(texts), background=(g, g, g),
+                 text_colour=(rng.randint(0, 40),) * 3, text_scale=text_scale)
+
+
+# ------------------------------------------------------------------------------------------------------ drawing
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        s = 0.85 * r  # half-side: about the circle's area
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "triangle":
+        r *= 1.15
+        cy += r / 4  # centre the bounding box, not the centroid (the apex reaches r, the base only r/2)
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "star":
+        r *= 1.1
+        cy += r * (1 - math.cos(math.pi / 5)) / 2
+        pts = []
+        for k in range(10):  # five points, inner radius 0.45 so it never reads as a blob
+            a = -math.pi / 2 + k * math.pi / 5
+            rr = r if k % 2 == 0 else 0.45 * r
+            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+        return pts
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def object_box(scene: Scene, obj: Obj) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of the square the shape is drawn in, in image pixels."""
+    x0, y0, x1, y1 = _cell_box(scene.size, obj.cell)
+    r = obj.size * min(x1 - x0, y1 - y0) / 2
+    cx = (x0 + x1) / 2 + obj.offset[0] * (x1 - x0)
+    cy = (y0 + y1) / 2 + obj.offset[1] * (y1 - y0)
+    return cx - r, cy - r, cx + r, cy + r
+
+
+def text_box(scene: Scene, text: Text) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the text's glyph cells (ink and its blank rows), in image pixels."""
+    x0, y0, x1, y1 = _cell_box(scene.size, text.cell)
+    tw, th = GLYPH_W * len(text.text) * scene.text_scale, GLYPH_H * scene.text_scale
+    left = round((x0 + x1 - tw) / 2 + text.offset[0] * (x1 - x0))
+    top = round((y0 + y1 - th) / 2 + text.offset[1] * (y1 - y0))
+    return left, top, left + tw, top + th
+
+
+def render(scene: Scene) -> Image.Image:
+    """The scene as an RGB image of `scene.size`."""
+    w, h = scene.size
+    k = SUPERSAMPLE
+    big = Image.new("RGB", (w * k, h * k), scene.background)
+    draw = ImageDraw.Draw(big)
+    for o in scene.objects:
+        x0, y0, x1, y1 = (v * k for v in object_box(scene, o))
+        fill = COLOURS[o.colour]
+        if o.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        else:
+            draw.polygon(_polygon(o.shape, (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2), fill=fill)
+    img = big.reduce(k)  # box filter: anti-aliased edges, exact and deterministic
+    for t in scene.texts:
+        # Text is drawn at the final resolution: the bitmap font's 1-px strokes are the point.
+        x0, y0, x1, y1 = text_box(scene, t)
+        mask = Image.new("L", (GLYPH_W * len(t.text), GLYPH_H), 0)
+        ImageDraw.Draw(mask).text((0, 0), t.text, font=_font(), fill=255)
+        if scene.text_scale != 1:
+            mask = mask.resize((x1 - x0, y1 - y0), Image.NEAREST)
+        img.paste(scene.text_colour, (x0, y0), mask)
+    return img
+
+
+# --------------------------------------------------------------------------------------------------- questions
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+QA = tuple[str, str]  # (question, answer)
+
+
+def _pick(rng: random.Random, cands: list[QA], exclude: Container[str]) -> QA | None:
+    cands = [qa for qa in cands if qa[0] not in exclude]
+    return rng.choice(cands) if cands else None
+
+
+# Each ask_* returns a (question, answer) that has one answer in the scene and is not in `exclude` (the questions
+# already asked about this image), or None when there is none.
+
+
+def ask_colour(scene: Scene, rng: random.Random, exclude: Container[str] = ()) -> QA | None:
+    n = Counter(o.shape for o in scene.objects)
+    return _pick(rng, [(f"What colour is the {o.shape}{'' if n[o.shape] == 1 else f' at the {o.position}'}?",
+                        o.colour) for o in scene.objects], exclude)
+
+
+def ask_shape(scene: Scene, rng: random.Random, exclude: Container[str] = ()) -> QA | None:
+    n = Counter(o.colour for o in scene.objects)
+    return _pick(rng, [(f"What shape is the {o.colour} object{'' if n[o.colour] == 1 else f' at the {o.position}'}?",
+                        o.shape) for o in scene.objects], exclude)
+
+
+def ask_count(scene: Scene, rng: random.Random, exclude: Container[str] = ()) -> QA | None:
+    kinds = [
+        [(f"How many {s}s are there?", str(sum(o.shape == s for o in scene.objects))) for s in SHAPES],  # 0 occurs
+        [(f"How many {c} objects are there?", str(sum(o.colour == c for o in scene.objects))) for c in COLOURS],
+        [("How many objects are there?", str(len(scene.objects)))],
+    ]
+    kinds = [k for k in kinds if any(q not in exclude for q, _ in k)]
+    return _pick(rng, rng.choice(kinds), exclude) if kinds else None
+
+
+def ask_position(scene: Scene, rng: random.Random, exclude: Container[str] = ()) -> QA | None:
+    n = Counter((o.colour, o.shape) for o in scene.objects)
+    cands = [(f"Where is the {o.colour} {o.shape}?", o.position) for o in scene.objects if n[o.colour, o.shape] == 1]
+    if len(scene.texts) == 1:
+        cands.append(("Where is the text?", scene.texts[0].position))
+    else:
+        cands += [(f"Where is the text '{t.text}'?", t.position) for t in scene.texts]
+    return _pick(rng, cands, exclude)
+
+
+def ask_exist(scene: Scene, rng: random.Random, exclude: Container[str] = ()) -> QA | None:
+    # Within an image the answers pair up: a fair coin when as many "yes" as "no" were asked (and only if both
+    # remain), the other side otherwise. Retrying a spent side until the other came up would tilt images with
+    # several questions (one object: one "yes", twenty "no") towards "no".
+    def q(c: str, s: str) -> str:
+        return f"Is there {_a(c)} {s}?"
+
+    present = {(o.colour, o.shape) for o in scene.objects}
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    colours, shapes = {c for c, _ in present}, {s for _, s in present}
+    yes = [(q(c, s), "yes") for c, s in sorted(present)]
+    no = [(q(c, s), "no") for c, s in absent]
+    near = [(q(c, s), "no") for c, s in absent if c in colours and s in shapes]  # both occur, not together
+    free_yes, free_no = ([x for x in side if x[0] not in exclude] for side in (yes, no))
+    asked_yes, asked_no = len(yes) - len(free_yes), len(no) - len(free_no)
+    if asked_yes == asked_no:
+        if not free_yes or not free_no:
+            return None
+        side = "yes" if rng.random() < 0.5 else "no"
+    else:
+        side = "yes" if asked_yes < asked_no else "no"
+    if side == "yes":
+        return _pick(rng, yes, exclude)
+    near_free = any(x[0] not in exclude for x in near)
+    return _pick(rng, near if near_free and rng.random() < 0.5 else no, exclude)
+
+
+def ask_ocr(scene: Scene, rng: random.Random, exclude: Container[str] = ()) -> QA | None:
+    if len(scene.texts) == 1:
+        return _pick(rng, [("What text is written in the image?", scene.texts[0].text)], exclude)
+    return _pick(rng, [(f"What text is written at the {t.position}?", t.text) for t in scene.texts], exclude)
+
+
+ASK: dict[str, Callable[[Scene, random.Random, Container[str]], QA | None]] = {
+    "colour": ask_colour, "shape": ask_shape, "count": ask_count,
+    "position": ask_position, "exist": ask_exist, "ocr": ask_ocr,
+}
+
+
+def questions(scene: Scene, rng: random.Random, n: int = 1,
+              weights: dict[str, float] | None = None) -> list[tuple[str, str, str]]:
+    """Up to `n` distinct (qtype, question, answer) for the scene; types drawn by `weights` (default: equal)."""
+    weights = dict.fromkeys(QTYPES, 1.0) if weights is None else weights
+    unknown = set(weights) - set(ASK)
+    if unknown:
+        raise ValueError(f"unknown question types {sorted(unknown)}; known: {QTYPES}")
+    types = [t for t in QTYPES if weights.get(t, 0) > 0 and not (t == "ocr" and not scene.texts)]
+    out: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for _ in range(10 * n):
+        if len(out) == n or not types:
+            break
+        t = rng.choices(types, [weights[t] for t in types])[0]
+        qa = ASK[t](scene, rng, seen)
+        if qa is None:  # spent for this image; retrying would skew "exist" towards its larger side
+            types.remove(t)
+        else:
+            seen.add(qa[0])
+            out.append((t, *qa))
+    return out
+
+
+def describe(scene: Scene) -> str:
+    """Every shape then every text, in reading order (by cell): the dense first-stage target."""
+    objs = sorted(scene.objects, key=lambda o: (o.cell[1], o.cell[0]))
+    n = len(objs)
+    parts = [f"There is {n} object." if n == 1 else f"There are {n} objects."]
+    parts += [f"{_a(o.colour).capitalize()} {o.shape} at the {o.position}." for o in objs]
+    parts += [f"The text '{t.text}' is written at the {t.position}."
+              for t in sorted(scene.texts, key=lambda t: (t.cell[1], t.cell[0]))]
+    return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------------ dataset
+
+
+def _record(rid: str, image: str, question: str, answer: str, qtype: str, grid: tuple[int, int]) -> dict:
+    return {"id": rid, "image": image,
+            "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}],
+            "type": qtype, "grid": list(grid)}
+
+
+OUTPUTS = ("describe.jsonl", "describe_test.jsonl", "train.jsonl", "test.jsonl", "meta.json")
+
+
+def write_dataset(
+    out_dir: str | Path,
+    *,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    tile_size: int = 112,
+    kinds: Iterable[str] = ("describe", "qa"),
+    questions_per_image: int = 3,
+    weights: dict[str, float] | None = None,
+    max_tiles: int = 6,
+    min_objects: int = 1,
+    max_objects: int = 6,
+    text_prob: float = 0.7,
+    max_texts: int = 2,
+    text_scale: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Write images and LLaVA-style JSONL under `out_dir`; returns the contents of meta.json.
+
+    Files: images/{train,test}-NNNNNN.png; describe.jsonl (one description per training image) and
+    describe_test.jsonl (per test image) for kind "describe"; train.jsonl and test.jsonl (`questions_per_image`
+    distinct questions per image, one per record) for kind "qa"; meta.json (parameters and counts per type).
+    Records: {"id", "image", "conversations": [human "<image>\\n"+question, gpt answer], "type", "grid"}, where
+    grid is the (cols, rows) that `nvlm.image.find_grid` picks at `tile_size` with `max_tiles`.
+    """
+    from ..image import find_grid
+
+    kinds = tuple(kinds)
+    if not kinds or set(kinds) - {"describe", "qa"}:
+        raise ValueError(f"kinds must be a non-empty subset of ('describe', 'qa'), got {kinds}")
+    if n_train < 0 or n_test < 0 or questions_per_image < 1:
+        raise ValueError("n_train and n_test must be >= 0 and questions_per_image >= 1")
+    weights = dict.fromkeys(QTYPES, 1.0) if weights is None else {t: float(v) for t, v in weights.items()}
+    if set(weights) - set(QTYPES) or not any(v > 0 for v in weights.values()):
+        raise ValueError(f"weights must give a positive weight to some of {QTYPES}, got {weights}")
+    grids = [g for g in GRIDS if g[0] * g[1] <= max_tiles]
+    if not grids:
+        raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+    params = dict(n_train=n_train, n_test=n_test, seed=seed, tile_size=tile_size, kinds=list(kinds),
+                  questions_per_image=questions_per_image, weights=weights, max_tiles=max_tiles,
+                  min_objects=min_objects, max_objects=max_objects, text_prob=text_prob, max_texts=max_texts,
+                  text_scale=text_scale, grids=[list(g) for g in grids])
+    gen = dict(tile_size=tile_size, grids=grids, min_objects=min_objects, max_objects=max_objects,
+               text_prob=text_prob, max_texts=max_texts, text_scale=text_scale)
+    generate_scene(random.Random(0), **gen)  # validate the parameters before touching the disk
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+        shutil.rmtree(out / "images", ignore_errors=True)
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+
+    # Test scenes first, from their own stream, so the held-out set is fixed by (seed, n_test) alone.
+    test_keys: set = set()
+    counts: dict[str, Counter] = {"train": Counter(), "test": Counter()}
+    want = {"describe.jsonl": "describe" in kinds, "describe_test.jsonl": "describe" in kinds,
+            "train.jsonl": "qa" in kinds, "test.jsonl": "qa" in kinds}
+    handles = {name: open(out / name, "w", encoding="utf-8", newline="\n") for name, on in want.items() if on}
+    skipped = 0
+    try:
+        for split, n in (("test", n_test), ("train", n_train)):
+            rng = random.Random(f"nvlm-synth/{seed}/{split}")
+            bar = _progress(n, split) if progress else None
+            i = 0
+            while i < n:
+                scene = generate_scene(rng, **gen)
+                key = (find_grid(*scene.size, max_num=max_tiles, image_size=tile_size), scene.key())
+                if split == "test":
+                    test_keys.add(key)
+                elif key in test_keys:
+                    skipped += 1
+                    continue
+                grid = key[0]
+                name = f"{split}-{i:06d}"
+                image = f"images/{name}.png"
+                render(scene).save(out / image, format="PNG")
+                if "describe" in kinds:
+                    f = handles["describe.jsonl" if split == "train" else "describe_test.jsonl"]
+                    f.write(json.dumps(_record(f"{name}-d", image, DESCRIBE_PROMPT, describe(scene), "describe",
+                                               grid)) + "\n")
+                    counts[split]["describe"] += 1
+                if "qa" in kinds:
+                    f = handles[f"{split}.jsonl"]
+                    for k, (t, q, a) in enumerate(questions(scene, rng, questions_per_image, weights)):
+                        f.write(json.dumps(_record(f"{name}-{k}", image, q, a, t, grid)) + "\n")
+                        counts[split][t] += 1
+                counts[split][f"grid {grid[0]}x{grid[1]}"] += 1
+                i += 1
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+    finally:
+        for f in handles.values():
+            f.close()
+    meta = {"generator": "nvlm.train.synthetic", "params": params,
+            "shapes": list(SHAPES), "colours": list(COLOURS), "positions": [p for row in POSITIONS for p in row],
+            "describe_prompt": DESCRIBE_PROMPT, "skipped_train_scenes_equal_to_test": skipped,
+            "counts": {s: dict(sorted(c.items())) for s, c in counts.items()}}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    return meta
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, single spaces, no surrounding quotes and no trailing period."""
+    s = " ".join(text.split()).lower().rstrip(".").strip()
+    if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":  # 'K7Q' or "top left."
+        s = s[1:-1].strip().rstrip(".").strip()
+    return s
+
+
+def _answer(record: dict) -> str:
+    return record["conversations"][-1]["value"]
+
+
+def evaluate(predictions: Sequence[tuple[dict, str]], *, baseline_records: Sequence[dict] | None = None) -> dict:
+    """Exact-match accuracy (after `normalize_answer`) per question type, with the majority-answer baseline.
+
+    Returns {group: {"n", "accuracy", "majority_answer", "majority_accuracy"}} for every type, "all", and OCR by
+    tile grid ("ocr/1x1", "ocr/3x2", ...): on 1x1 images the text is in the only tile; the thumbnail shrinks 2x1 and
+    1x2 images 2x along one axis (text squeezed, partly guessable), 2x2 2x along both and 3x2/2x3 about 3x (text
+    gone), so a model that reads the tiles keeps its OCR accuracy across grids. The majority answer of a type
+    comes from `baseline_records` (e.g. the training records) when given, else from the evaluated records
+    themselves (an upper bound on what a blind guesser gets).
+    """
+    groups: dict[str, list[tuple[dict, str]]] = {}
+    for rec, pred in predictions:
+        t = rec["type"]
+        groups.setdefault(t, []).append((rec, pred))
+        groups.setdefault("all", []).append((rec, pred))
+        if t == "ocr" and "grid" in rec:
+            groups.setdefault("ocr/{}x{}".format(*rec["grid"]), []).append((rec, pred))
+    source = baseline_records if baseline_records is not None else [r for r, _ in predictions]
+    by_type: dict[str, Counter] = {}
+    for rec in source:
+        by_type.setdefault(rec["type"], Counter())[normalize_answer(_answer(rec))] += 1
+    majority = {t: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for t, c in by_type.items()}
+
+    result = {}
+    for g in sorted(groups):
+        items = groups[g]
+        correct = sum(normalize_answer(p) == normalize_answer(_answer(r)) for r, p in items)
+        blind = sum(majority.get(r["type"]) == normalize_answer(_answer(r)) for r, _ in items)
+        result[g] = {"n": len(items), "accuracy": correct / len(items),
+                     "majority_answer": majority.get(g.split("/")[0]) if g != "all" else None,
+                     "majority_accuracy": blind / len(items)}
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_weights(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--weights wants TYPE=NUMBER pairs like 'ocr=2,count=1', got {part!r}") from None
+    return out
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    meta = write_dataset(
+        args.out_dir, n_train=args.train, n_test=args.test, seed=args.seed, tile_size=args.tile_size,
+        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+        questions_per_image=args.questions_per_image, weights=_parse_weights(args.weights),
+        max_tiles=args.max_tiles, max_objects=args.max_objects, text_prob=args.text_prob,
+        text_scale=args.text_scale, overwrite=args.overwrite, progress=sys.stderr.isatty(),
+    )
+    if args.json:
+        print(json.dumps(meta))
+    else:
+        for split, c in meta["counts"].items():
+            print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+        print(f"wrote {args.out_dir}")
+    return 0
+
+
+def add_synth_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `synth` on an argparse subparsers object (wired as `nvlm synth`)."""
+    p = subparsers.add_parser(
+        "synth", help="write a synthetic shapes-and-text Q&A dataset for training a tiny model",
+        description="Write procedural images (coloured shapes and short texts on 1x1..3x2 tile grids) with "
+        "dense descriptions (describe.jsonl, describe_test.jsonl) and questions (train.jsonl, held-out "
+        "test.jsonl) in the LLaVA conversation format, plus meta.json. The same seed writes the same bytes.")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must be empty unless --overwrite)")
+    p.add_argument("--train", type=int, default=10000, metavar="N", help="training images (default 10000)")
+    p.add_argument("--test", type=int, default=500, metavar="N", help="held-out images (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--tile-size", type=int, default=112, metavar="PX",
+                   help="the model's tile size (force_image_size); images are 1x1..3x2 tiles of it (default 112)")
+    p.add_argument("--max-tiles", type=int, default=6, metavar="N", help="the model's max tiles per image (default 6)")
+    p.add_argument("--questions-per-image", type=int, default=3, metavar="K",
+                   help="distinct questions (one record each) per image (default 3)")
+    p.add_argument("--kinds", default="describe,qa", help="what to write: describe, qa or both (default both)")
+    p.add_argument("--weights", default=None, metavar="TYPE=W,...",
+                   help=f"question-type weights, e.g. 'ocr=2,exist=1' (types: {', '.join(QTYPES)}; default equal)")
+    p.add_argument("--max-objects", type=int, default=6, metavar="N", help="most shapes per image (default 6)")
+    p.add_argument("--text-prob", type=float, default=0.7, metavar="P", help="share of images with text (default 0.7)")
+    p.add_argument("--text-scale", type=int, default=1, metavar="K",
+                   help="integer upscale of the 6x11 px bitmap font (default 1; larger text stays legible in "
+                   "the thumbnail)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT_DIR")
+    p.add_argument("--json", action="store_true", help="print meta.json as one JSON line")
+    p.set_defaults(func=cmd_synth)
+    return p
