@@ -33,42 +33,9 @@ from nvlm.prompt import encode_conversation  # noqa: E402
 from nvlm.tokenizer import build_byte_tokenizer  # noqa: E402
 
 def hf_vision(model):
-    import transformers
+    from nvlm.interop import to_transformers_internvl_vision
 
-    v = model.config.vision_config
-    cfg = transformers.InternVLVisionConfig(
-        hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-        intermediate_size=v.intermediate_size, attention_bias=v.qkv_bias, use_qk_norm=v.qk_normalization,
-        norm_type=v.norm_type, layer_norm_eps=v.layer_norm_eps, image_size=v.image_size, patch_size=v.patch_size,
-        use_mean_pooling=True, attn_implementation="eager")
-    hf = transformers.InternVLVisionModel(cfg).eval()
-    sd = model.vision_model.state_dict()
-    d = v.hidden_size
-    m = {"embeddings.cls_token": sd["embeddings.class_embedding"],
-         "embeddings.patch_embeddings.projection.weight": sd["embeddings.patch_embedding.weight"],
-         "embeddings.patch_embeddings.projection.bias": sd["embeddings.patch_embedding.bias"],
-         "embeddings.position_embeddings": sd["embeddings.position_embedding"]}
-    for i in range(v.num_hidden_layers):
-        p, q = f"encoder.layers.{i}.", f"encoder.layer.{i}.attention."
-        w = sd[p + "attn.qkv.weight"]
-        m |= {q + "q_proj.weight": w[:d], q + "k_proj.weight": w[d:2 * d], q + "v_proj.weight": w[2 * d:],
-              q + "projection_layer.weight": sd[p + "attn.proj.weight"],
-              q + "projection_layer.bias": sd[p + "attn.proj.bias"]}
-        if v.qkv_bias:
-            b = sd[p + "attn.qkv.bias"]
-            m |= {q + "q_proj.bias": b[:d], q + "k_proj.bias": b[d:2 * d], q + "v_proj.bias": b[2 * d:]}
-        if v.qk_normalization:
-            m |= {q + "q_norm.weight": sd[p + "attn.q_norm.weight"], q + "k_norm.weight": sd[p + "attn.k_norm.weight"]}
-        r = f"encoder.layer.{i}."
-        m |= {r + "lambda_1": sd[p + "ls1"], r + "lambda_2": sd[p + "ls2"],
-              r + "mlp.fc1.weight": sd[p + "mlp.fc1.weight"], r + "mlp.fc1.bias": sd[p + "mlp.fc1.bias"],
-              r + "mlp.fc2.weight": sd[p + "mlp.fc2.weight"], r + "mlp.fc2.bias": sd[p + "mlp.fc2.bias"]}
-        for ours, theirs in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
-            m[r + theirs + ".weight"] = sd[p + ours + ".weight"]
-            if v.norm_type == "layer_norm":
-                m[r + theirs + ".bias"] = sd[p + ours + ".bias"]
-    hf.load_state_dict(m, strict=True)
-    return hf
+    return to_transformers_internvl_vision(model, attn_implementation="eager")
 
 
 def main() -> None:

@@ -21,23 +21,10 @@ def build(preset_name: str, dtype: torch.dtype, seed: int = 0):
 
 
 def hf_qwen2(model, dtype: torch.dtype, attn: str = "sdpa"):
-    """transformers' Qwen2ForCausalLM holding the same weights as `model.language_model`."""
-    import transformers
+    """transformers' Qwen2ForCausalLM sharing the weights of `model.language_model`."""
+    from nvlm.interop import to_transformers_qwen2
 
-    c = model.config.llm_config
-    hf_cfg = transformers.Qwen2Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-        attn_implementation=attn, pad_token_id=0)
-    with torch.device("meta"):
-        hf = transformers.Qwen2ForCausalLM(hf_cfg)
-    hf.load_state_dict(model.language_model.state_dict(), strict=False, assign=True)
-    if c.tie_word_embeddings:
-        hf.tie_weights()
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)  # buffers were on meta
-    return hf.to(dtype).eval()
+    return to_transformers_qwen2(model, attn_implementation=attn, dtype=dtype)
 
 
 def memory_bandwidth(gb: float = 1.0, repeats: int = 5) -> float:

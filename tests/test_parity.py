@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from nvlm.config import preset
+from nvlm.interop import to_transformers_internvl_vision, to_transformers_qwen2
 from nvlm.model import pixel_shuffle
 from nvlm.weights import load_checkpoint, random_model, save_checkpoint
 
@@ -34,17 +35,7 @@ def ckpt(tmp_path_factory):
 
 
 def _hf_qwen2(model):
-    c = model.config.llm_config
-    hf_cfg = transformers.Qwen2Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-        attn_implementation="eager")
-    hf = transformers.Qwen2ForCausalLM(hf_cfg).eval()
-    missing, unexpected = hf.load_state_dict(model.language_model.state_dict(), strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return hf
+    return to_transformers_qwen2(model)
 
 
 def test_checkpoint_is_sharded_with_dummy_heads(ckpt):
@@ -83,37 +74,7 @@ def test_cached_decode_equals_full_forward(ckpt):
 
 
 def _hf_internvl_vision(model):
-    v = model.config.vision_config
-    hf_cfg = transformers.InternVLVisionConfig(
-        hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-        intermediate_size=v.intermediate_size, attention_bias=v.qkv_bias, use_qk_norm=v.qk_normalization,
-        norm_type=v.norm_type, layer_norm_eps=v.layer_norm_eps, image_size=v.image_size, patch_size=v.patch_size,
-        use_mean_pooling=True, hidden_act="gelu", attn_implementation="eager")
-    hf = transformers.InternVLVisionModel(hf_cfg).eval()
-    sd = model.vision_model.state_dict()
-    d = v.hidden_size
-    mapped = {
-        "embeddings.cls_token": sd["embeddings.class_embedding"],
-        "embeddings.patch_embeddings.projection.weight": sd["embeddings.patch_embedding.weight"],
-        "embeddings.patch_embeddings.projection.bias": sd["embeddings.patch_embedding.bias"],
-        "embeddings.position_embeddings": sd["embeddings.position_embedding"],
-    }
-    for i in range(v.num_hidden_layers):
-        p, q = f"encoder.layers.{i}.", f"encoder.layer.{i}."
-        w = sd[p + "attn.qkv.weight"]
-        mapped |= {q + "attention.q_proj.weight": w[:d], q + "attention.k_proj.weight": w[d:2 * d],
-                   q + "attention.v_proj.weight": w[2 * d:],
-                   q + "attention.q_norm.weight": sd[p + "attn.q_norm.weight"],
-                   q + "attention.k_norm.weight": sd[p + "attn.k_norm.weight"],
-                   q + "attention.projection_layer.weight": sd[p + "attn.proj.weight"],
-                   q + "attention.projection_layer.bias": sd[p + "attn.proj.bias"],
-                   q + "lambda_1": sd[p + "ls1"], q + "lambda_2": sd[p + "ls2"],
-                   q + "layernorm_before.weight": sd[p + "norm1.weight"],
-                   q + "layernorm_after.weight": sd[p + "norm2.weight"],
-                   q + "mlp.fc1.weight": sd[p + "mlp.fc1.weight"], q + "mlp.fc1.bias": sd[p + "mlp.fc1.bias"],
-                   q + "mlp.fc2.weight": sd[p + "mlp.fc2.weight"], q + "mlp.fc2.bias": sd[p + "mlp.fc2.bias"]}
-    hf.load_state_dict(mapped, strict=True)
-    return hf
+    return to_transformers_internvl_vision(model)
 
 
 def test_vision_matches_transformers_internvl(ckpt):
