@@ -36,6 +36,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--device-map", default=None, choices=["split", "auto"],
                    help="spread the decoder over all GPUs: 'split' (model card rule) or 'auto' (by free memory)")
+    g.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the decoder's linears at load")
+    g.add_argument("--quantize-lm-head", action="store_true", help="with --quantize, also quantize the lm_head")
 
 
 def _sampling(args) -> dict:
@@ -56,8 +59,8 @@ def _load(args):
     path = args.model or default_model_path()
     if path is None:
         raise ValueError("no --model given and this nvlm build bundles no default model")
-    return load(path, dtype=args.dtype, device=args.device, device_map=args.device_map,
-                progress=sys.stderr.isatty())
+    return load(path, dtype=args.dtype, device=args.device, device_map=args.device_map, quantize=args.quantize,
+                quantize_lm_head=args.quantize_lm_head, progress=sys.stderr.isatty())
 
 
 # ---- chat ----------------------------------------------------------------------------------------------------
@@ -187,6 +190,16 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .pipeline import parse_dtype
+    from .quantize import quantize_checkpoint
+
+    quantize_checkpoint(args.src, args.dst, args.mode, group_size=args.group_size, include_lm_head=args.lm_head,
+                        dtype=parse_dtype(args.dtype, "cpu"))
+    print(f"wrote {args.dst}: {args.mode} weight-only decoder linears", file=sys.stderr)
+    return 0
+
+
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
@@ -232,7 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", action="store_true", help="with --dry-run, also print every tensor's shape")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("eval", help="evaluate: score prediction files", description="Evaluation tools.")
+    p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a checkpoint",
+                       description="Quantize the decoder's linears of a checkpoint (official layout in, official "
+                       "layout + quantization_config out). `nvlm chat/serve --model DST` load it as is.")
+    p.add_argument("src", help="checkpoint directory")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--mode", required=True, choices=["int8", "int4"])
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128, 256)")
+    p.add_argument("--lm-head", action="store_true", help="also quantize the lm_head")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the scales and of the unquantized tensors")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="evaluate: run benchmarks, score and report", description="Evaluation tools.")
     esub = p.add_subparsers(dest="eval_verb", metavar="EVAL_VERB")
     try:
         from .eval.score import add_eval_score_parser

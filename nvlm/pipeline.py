@@ -174,18 +174,34 @@ def _as_list(images) -> list:
 
 
 def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | None = None,
-         device_map: str | dict | None = None, progress: bool = False) -> Pipeline:
-    """Load a checkpoint directory (or Hub repo id) in the official NVLM-D layout."""
+         device_map: str | dict | None = None, quantize: str | None = None, group_size: int = 128,
+         quantize_lm_head: bool = False, progress: bool = False) -> Pipeline:
+    """Load a checkpoint directory (or Hub repo id) in the official NVLM-D layout.
+
+    `quantize="int8"|"int4"` swaps the decoder's linears for weight-only quantized ones after loading (a checkpoint
+    saved quantized is detected and loaded as such). With quantization, `dtype="auto"` means bfloat16 even on CPU:
+    the int8/int4 kernels want half-precision activations.
+    """
+    from .quantize import is_quantized_checkpoint, load_quantized, quantize_model
+
     directory = resolve_checkpoint(path)
     device = device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but CUDA is not available")
+    quantized_on_disk = is_quantized_checkpoint(directory)
+    if (quantize or quantized_on_disk) and dtype in (None, "auto"):
+        dtype = torch.bfloat16
     dt = parse_dtype(dtype, device)
     dmap = resolve_device_map(device_map, NVLMConfig.from_file(directory), dt) if device_map else None
-    model = load_checkpoint(directory, dtype=dt, device=device, device_map=dmap, progress=progress)
+    if quantized_on_disk:
+        model = load_quantized(directory, dtype=dt, device=device, device_map=dmap)
+    else:
+        model = load_checkpoint(directory, dtype=dt, device=device, device_map=dmap, progress=progress)
+        if quantize:
+            quantize_model(model, quantize, group_size=group_size, include_lm_head=quantize_lm_head)
     if torch.device(device).type == "cpu" and dt in (torch.bfloat16, torch.float16) and dmap is None:
         from .fast import use_gemv
 
-        use_gemv(model)  # ~1.3x batch-1 decode on CPU in half precision
+        use_gemv(model)  # ~1.3x batch-1 decode on CPU in half precision (only plain nn.Linear modules)
     tokenizer = Tokenizer.from_dir(directory)
     return Pipeline(model, tokenizer, directory)

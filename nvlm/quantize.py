@@ -14,9 +14,11 @@ Notable:
   convention of torch's packed int4 kernels (`_weight_int4pack_mm[_for_cpu]`), so one (G, N, 2) scales_and_zeros
   tensor serves the kernel and the fallback. In memory the weight is packed for the device's kernel only; the
   device-independent form that checkpoints hold (uint8 (N, K/2), high nibble = even input column) is recovered
-  *exactly* by running the kernel on an identity matrix with scale 1 / zero 8. So int4 costs 0.5 byte per weight.
+  *exactly* by running the kernel on an identity matrix with scale 1 / zero 8. So int4 costs 0.5 byte per weight;
+  the price is a slow save on CPU (~20 s for the `1b` preset), which `quantize_checkpoint` avoids by not packing.
 - Each kernel is tried once per (device, dtype, shape class) against the dequantize reference; where it is missing,
-  fails or disagrees, layers use dequantize-and-matmul, which runs everywhere.
+  fails or disagrees, layers use dequantize-and-matmul, which runs everywhere. (The CUDA calls follow torch's
+  documented layouts but have only run through this probe on CPU-only machines so far.)
 - CPU: torch's int8/int4 kernels are vectorised for bf16/fp16 activations only (with float32 they are ~4x slower than
   a float32 matmul), so float32 models use the fallback and a warning suggests bfloat16. The CPU int4 kernel is tuned
   for a few rows: long prefills (image prompts) are slower than in bf16; int8 switches to the fallback above 16 rows.
@@ -44,7 +46,7 @@ from .model import NVLM
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 QUANT_METHOD = "nvlm"
-KERNEL_MAX_ROWS = 16  # CPU int8 kernel vs dequantize-and-matmul crossover (~20 rows for a 4864x896 bf16 linear)
+KERNEL_MAX_ROWS = 16  # int8 kernel vs dequantize-and-matmul crossover: ~20 rows for a 4864x896 bf16 linear on CPU
 _FORMATS = {
     "int8": "weight int8 (out, in), scales (out,): w = weight * scales[:, None]",
     "int4": "weight uint8 (out, in/2), high nibble = even input column; scales, zeros (out, in/group_size): "
@@ -116,6 +118,8 @@ class Int8WeightOnlyLinear(nn.Module):
         return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales.to(x2.dtype))
 
     def forward_dequant(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.dtype == torch.float16:  # x @ q.T could pass fp16's 65504 before the scale brings it down
+            return F.linear(x2, self.dequantize(x2.dtype))
         return F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +222,8 @@ class Int4WeightOnlyLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, group_size: int, *, layout: str | None,
                  weight: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.in_features, self.out_features, self.group_size, self.layout = in_features, out_features, group_size, layout
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.layout = layout
         # non-persistent: _save_to_state_dict writes the checkpoint form
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)  # (G, N, 2)
@@ -239,30 +244,35 @@ class Int4WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_stored(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, *,
-                    group_size: int, device, dtype) -> "Int4WeightOnlyLinear":
-        """q: uint8 (N, K) values or (N, K/2) portable nibbles; scales/zeros (N, G). Packs for `device`."""
+                    group_size: int, device, dtype, pack: bool = True) -> "Int4WeightOnlyLinear":
+        """q: uint8 (N, K) values or (N, K/2) portable nibbles; scales/zeros (N, G). Packs for `device`'s kernel
+        unless `pack` is False (then it keeps the portable form: dequantize path, but free to save)."""
         device = torch.device(device)
         n = scales.shape[0]
         k = scales.shape[1] * group_size
-        if q.shape[1] != k:
-            q = unpack_nibbles(q)
+        full = q if q.shape[1] == k else None  # (N, K) values, else (N, K/2) nibbles
+        nibbles = pack_nibbles(q) if full is not None else q
         sz = torch.stack([scales, zeros], -1).transpose(0, 1).to(device, dtype).contiguous()  # (G, N, 2)
         bias = bias.to(device, dtype).contiguous() if bias is not None else None
         layout = None
-        if _int4_eligible(n, k, device, dtype):
+        if pack and _int4_eligible(n, k, device, dtype):
             if _int4_kernel_ok(str(device), dtype, group_size, _inner_k_tiles(k) if device.type == "cuda" else 2):
                 layout = device.type
             else:
                 _fallback_warning("int4", device, dtype)
-        weight = _pack_int4(q.to(device), device) if layout else pack_nibbles(q).to(device)
+        if layout:
+            weight = _pack_int4((full if full is not None else unpack_nibbles(nibbles)).to(device), device)
+        else:
+            weight = nibbles.to(device).contiguous()
         return cls(k, n, group_size, layout=layout, weight=weight, scales_and_zeros=sz, bias=bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> "Int4WeightOnlyLinear":
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, pack: bool = True) -> "Int4WeightOnlyLinear":
         w = linear.weight.detach()
         q, scales, zeros = cls.quantize_weight(w, group_size)
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls.from_stored(q, scales, zeros, bias, group_size=group_size, device=w.device, dtype=w.dtype)
+        return cls.from_stored(q, scales, zeros, bias, group_size=group_size, device=w.device, dtype=w.dtype,
+                               pack=pack)
 
     def portable(self) -> torch.Tensor:
         """The uint8 (N, K/2) nibbles, whatever the in-memory layout."""
@@ -328,18 +338,24 @@ def quantization_config(config: NVLMConfig) -> dict | None:
     qc = config.extra.get("quantization_config")
     if qc is None:
         return None
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD or qc.get("mode") not in MODES:
-        raise ValueError(f"unsupported quantization_config {qc!r}: nvlm reads only its own "
-                         f"(quant_method={QUANT_METHOD!r}, mode in {MODES})")
+    ok = (isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD and qc.get("mode") in MODES
+          and isinstance(qc.get("modules"), list)
+          and (qc["mode"] == "int8" or qc.get("group_size") in GROUP_SIZES))
+    if not ok:
+        raise ValueError(f"unsupported quantization_config {str(qc)[:200]}: nvlm reads only its own "
+                         f"(quant_method={QUANT_METHOD!r}, mode in {MODES}, a modules list, int4 group_size in "
+                         f"{GROUP_SIZES})")
     return qc
 
 
-def quantize_model(model: NVLM, mode: str, *, group_size: int = 128, include_lm_head: bool = False) -> NVLM:
+def quantize_model(model: NVLM, mode: str, *, group_size: int = 128, include_lm_head: bool = False,
+                   pack: bool = True) -> NVLM:
     """Swap the decoder's linears for weight-only `mode` ("int8" | "int4") modules, in place, on their own devices.
 
     Quantize a model that is already on its device(s) and in its dtype (int4 is packed for the device). Layers whose
     in_features is not a multiple of `group_size` (int4) stay as they are, with a warning. `include_lm_head` also
-    quantizes the output projection; a tied head is untied (the embedding keeps the model dtype).
+    quantizes the output projection; a tied head is untied (the embedding keeps the model dtype). `pack=False`
+    keeps int4 weights in the portable layout, for a model that is only going to be saved (`quantize_checkpoint`).
     """
     _check_mode(mode, group_size)
     if quantization_config(model.config) is not None:
@@ -357,9 +373,9 @@ def quantize_model(model: NVLM, mode: str, *, group_size: int = 128, include_lm_
             if mode == "int4" and linear.in_features % group_size:
                 skipped.append(name)
                 continue
-            slow_cpu |= linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
+            slow_cpu |= pack and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
             new = (Int8WeightOnlyLinear.from_linear(linear) if mode == "int8"
-                   else Int4WeightOnlyLinear.from_linear(linear, group_size))
+                   else Int4WeightOnlyLinear.from_linear(linear, group_size, pack))
             _set_module(model, name, new)
             done.append(name)
     if skipped:
@@ -391,6 +407,16 @@ def save_quantized(model: NVLM, directory: str | Path, *, tokenizer=None, copy_t
         raise ValueError("the model is not quantized; call quantize_model first (or use weights.save_checkpoint)")
     return W.save_checkpoint(model, directory, tokenizer=tokenizer, copy_tokenizer_from=copy_tokenizer_from,
                              max_shard_bytes=max_shard_bytes)
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, mode: str, *, group_size: int = 128,
+                        include_lm_head: bool = False, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Checkpoint directory -> quantized checkpoint directory (tokenizer files copied), on the CPU, without packing
+    (so nothing is unpacked again to save). The non-quantized tensors and the scales are stored in `dtype`."""
+    _check_mode(mode, group_size)
+    model = W.load_checkpoint(src, dtype=dtype, device="cpu")
+    quantize_model(model, mode, group_size=group_size, include_lm_head=include_lm_head, pack=False)
+    return save_quantized(model, dst, copy_tokenizer_from=src)
 
 
 def is_quantized_checkpoint(directory: str | Path) -> bool:

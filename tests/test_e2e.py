@@ -161,3 +161,18 @@ def test_bfloat16_on_cpu(ckpt, image_path):
     assert next(pipe.model.parameters()).dtype == torch.bfloat16
     r = pipe.chat("Describe", image_path, max_new_tokens=4)
     assert 1 <= len(r.output_token_ids) <= 4 and all(t < len(pipe.tokenizer) for t in r.output_token_ids)
+
+
+def test_quantized_checkpoint_and_chat_flag(capsys, ckpt, image_path, tmp_path):
+    import nvlm
+    from nvlm.quantize import Int8WeightOnlyLinear
+
+    assert main(["quantize", str(ckpt), str(tmp_path / "q8"), "--mode", "int8"]) == 0
+    pipe = nvlm.load(tmp_path / "q8", device="cpu")
+    assert any(isinstance(m, Int8WeightOnlyLinear) for m in pipe.model.modules())
+    assert pipe.config.extra["quantization_config"]["mode"] == "int8"
+    r = pipe.chat("Describe", image_path, max_new_tokens=4)
+    assert 1 <= len(r.output_token_ids) <= 4 and all(t < len(pipe.tokenizer) for t in r.output_token_ids)
+    res = chat_json(capsys, ckpt, "--quantize", "int8", "--dtype", "bfloat16", "--image", str(image_path),
+                    "--max-new-tokens", "3", "Hi")
+    assert res["num_tiles"] == [7] and 1 <= len(res["output_token_ids"]) <= 3

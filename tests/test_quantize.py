@@ -14,9 +14,9 @@ from torch import nn
 from nvlm.config import preset
 from nvlm.generate import SamplingParams, generate
 from nvlm.quantize import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, _int4_kernel_ok, _int8_kernel_ok,
-                           is_quantized_checkpoint, load_quantized, pack_nibbles, quantize_model, save_quantized,
-                           unpack_nibbles)
-from nvlm.weights import CheckpointError, random_model, save_checkpoint
+                           is_quantized_checkpoint, load_quantized, pack_nibbles, quantize_checkpoint, quantize_model,
+                           save_quantized, unpack_nibbles)
+from nvlm.weights import CheckpointError, load_checkpoint, random_model, save_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:weight-only int8/int4 on CPU is fast only")
 
@@ -219,6 +219,22 @@ def test_save_load_identical_logits(tmp_path, mode, group_size, tied, head):
     assert "language_model.model.layers.0.self_attn.q_proj.bias" in t
 
 
+def test_quantize_checkpoint_matches_in_memory_quantization(tmp_path):
+    """The offline path (no packing, so no unpacking to save) gives the same model as quantizing at load."""
+    save_checkpoint(tiny(), tmp_path / "plain")
+    (tmp_path / "plain" / "vocab.json").write_text("{}")  # tokenizer files are copied along
+    quantize_checkpoint(tmp_path / "plain", tmp_path / "q", "int4", group_size=32)
+    assert (tmp_path / "q" / "vocab.json").exists()
+    loaded = load_quantized(tmp_path / "q", dtype=torch.bfloat16)
+    direct = quantize_model(load_checkpoint(tmp_path / "plain", dtype=torch.bfloat16), "int4", group_size=32)
+    kernel = _int4_kernel_ok("cpu", torch.bfloat16, 32, 2)
+    assert loaded.language_model.model.layers[0].mlp.up_proj.layout == ("cpu" if kernel else None)
+    loaded.image_token_id = direct.image_token_id = IMAGE_TOKEN
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), direct(x))
+
+
 def test_plain_checkpoint_is_not_quantized(tmp_path):
     save_checkpoint(tiny(), tmp_path / "plain")
     assert not is_quantized_checkpoint(tmp_path / "plain")
@@ -244,9 +260,7 @@ def test_load_reports_damaged_checkpoint(tmp_path):
 
 def test_generate_on_quantized_model():
     m = quantize_model(tiny(dtype=torch.bfloat16), "int8")
-    if not m.language_model.make_cache(1, 2)[0].k.is_floating_point():
-        pytest.xfail("decoder.make_cache takes the cache dtype from k_proj.weight (int8 once quantized); "
-                     "it should use a norm weight's dtype")
+    assert m.language_model.make_cache(1, 2)[0].k.dtype == torch.bfloat16  # not the int8 weights' dtype
     prompt = ids(1, 10, seed=3)[0].tolist()
     out = generate(m, [prompt], SamplingParams(max_new_tokens=8), decode=lambda t: "", stop_ids=[],
                    vocab_limit=IMAGE_TOKEN)[0]

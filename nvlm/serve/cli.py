@@ -76,16 +76,6 @@ def build_engine(pipe, *, max_batch: int = 16, max_len: int | None = None, kv_ca
                   max_batch=max_batch, max_len=max_len, kv_cache_bytes=kv)
 
 
-def apply_quantization(pipe, mode: str) -> None:
-    try:
-        from ..quantize import quantize_model
-    except ImportError as e:
-        raise ValueError(f"--quantize {mode} needs nvlm.quantize, which this build lacks ({e})") from None
-    out = quantize_model(pipe.model, mode)
-    if out is not None and out is not pipe.model:  # a transform that returns a new module
-        pipe.model = out
-
-
 def cmd_serve(args) -> int:
     try:
         import fastapi  # noqa: F401
@@ -107,9 +97,8 @@ def cmd_serve(args) -> int:
     path = args.model or default_model_path()
     if path is None:
         raise ValueError("no --model given and this nvlm build bundles no default model")
-    pipe = load(path, dtype=args.dtype, device=args.device, device_map=args.device_map, progress=sys.stderr.isatty())
-    if args.quantize:
-        apply_quantization(pipe, args.quantize)
+    pipe = load(path, dtype=args.dtype, device=args.device, device_map=args.device_map, quantize=args.quantize,
+                progress=sys.stderr.isatty())
     engine = build_engine(pipe, max_batch=args.max_batch, max_len=args.max_len, kv_cache_gb=args.kv_cache_gb)
     name = args.served_model_name or os.path.basename(os.path.normpath(str(path))) or "nvlm"
     opts = ServeOptions(model_name=name, api_key=args.api_key, max_images=args.max_images,
