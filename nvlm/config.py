@@ -35,9 +35,8 @@ def _take(cls, d: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str,
 
 
 def _check_type(where: str, name: str, value: Any, types: tuple[type, ...]) -> None:
-    if isinstance(value, bool) and bool not in types:
-        raise ConfigError(f"{where}.{name} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
-    if not isinstance(value, types):
+    # bool is an int subclass: `true` must not pass for a count
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise ConfigError(f"{where}.{name} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
 
 
