@@ -15,6 +15,7 @@ Notable:
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -139,7 +140,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     generator = None
     if params.temperature > 0:
         generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(B, vocab_limit, dtype=torch.bool, device=device)

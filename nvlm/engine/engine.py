@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -438,7 +439,7 @@ class Engine:
             raise
         if req.params.temperature > 0:
             g = torch.Generator(device=self.device)
-            g.manual_seed(req.params.seed if req.params.seed is not None else torch.seed())
+            g.manual_seed(req.params.seed if req.params.seed is not None else secrets.randbits(63))
             self._gens[req.request_id] = g
         self._accept(slot_idx, logits[None])
 
