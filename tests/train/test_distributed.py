@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -76,21 +75,20 @@ def write_config(path: Path, base: Path, data: Path, out: Path, **top) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env() -> dict[str, str]:
     # one thread per process: the same kernels in every run, and 2 ranks fit on 2 cores
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def torchrun(config: Path, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "-m", "nvlm", "train", str(config), "--progress", "off"]
-    res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    # rendezvous on 127.0.0.1 port 0: the agent binds a free port itself (no pick-then-bind race with other tests)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", config.stem,
+           "-m", "nvlm", "train", str(config), "--progress", "off"]
+    for attempt in range(2):
+        res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+        if res.returncode == 0 or "address already in use" not in res.stderr.lower():
+            break  # retry only a port clash with another process on this machine
     assert res.returncode == 0, res.stderr[-4000:]
     return res
 
