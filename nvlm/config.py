@@ -313,12 +313,12 @@ def _preset_1b(vocab_size: int = 151936) -> NVLMConfig:
 
 
 def _preset_100m(vocab_size: int = 151936) -> NVLMConfig:
-    """~100M-parameter model (training benchmark): small InternViT + 8-layer decoder."""
+    """~100M parameters besides the embeddings (training benchmark): a 6-layer InternViT + 12-layer decoder."""
     return NVLMConfig(
         vision_config=VisionConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                                    intermediate_size=1536, initializer_range=0.02, model_type="intern_vit"),
-        llm_config=LLMConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                             intermediate_size=1408, vocab_size=vocab_size, max_position_embeddings=8192),
+        llm_config=LLMConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                             intermediate_size=2048, vocab_size=vocab_size, max_position_embeddings=8192),
     )
 
 
