@@ -101,14 +101,15 @@ class Pipeline:
 
     def prepare(self, prompt: str | Sequence[dict], images: Sequence[ImageInput] = (), *,
                 history: Sequence[tuple[str, str]] | None = None, system: str | None = DEFAULT_SYSTEM,
-                max_tiles: int | None = None, style: str = "megatron") -> Prepared:
+                max_tiles: int | None = None, style: str = "megatron", tile_tags: bool = True) -> Prepared:
         cfg = self.config
         max_tiles = cfg.max_dynamic_patch if max_tiles is None else max_tiles
         processed = [preprocess(load_image(im), max_tiles=max_tiles, min_tiles=min(cfg.min_dynamic_patch, max_tiles),
                                 image_size=cfg.image_size, use_thumbnail=cfg.use_thumbnail) for im in images]
         num_tiles = [p.num_tiles for p in processed]
         enc = encode_conversation(self.tokenizer, self._messages(prompt, history), num_tiles=num_tiles,
-                                  tokens_per_tile=cfg.tokens_per_tile, system=system, style=style)
+                                  tokens_per_tile=cfg.tokens_per_tile, system=system, style=style,
+                                  tile_tags=tile_tags)
         pv = torch.cat([p.pixel_values for p in processed]) if processed else None
         return Prepared(enc.input_ids, pv, num_tiles, [p.grid for p in processed])
 
@@ -153,12 +154,12 @@ class Pipeline:
 
     def generate(self, prompts: Sequence[str | Sequence[dict]], images: Sequence[Sequence[ImageInput]] | None = None,
                  *, system: str | None = DEFAULT_SYSTEM, max_tiles: int | None = None, style: str = "megatron",
-                 **sampling) -> list[ChatResult]:
+                 tile_tags: bool = True, **sampling) -> list[ChatResult]:
         """Static batch: several prompts (each with its own list of images) run together, left-padded."""
         images = images if images is not None else [()] * len(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
-        prepared = [self.prepare(p, _as_list(im), system=system, max_tiles=max_tiles, style=style)
+        prepared = [self.prepare(p, _as_list(im), system=system, max_tiles=max_tiles, style=style, tile_tags=tile_tags)
                     for p, im in zip(prompts, images)]
         outs = self.generate_prepared(prepared, SamplingParams(**sampling))
         return [ChatResult(o.text, p.input_ids, o.token_ids, p.num_tiles, o.finish_reason, o.logprobs)

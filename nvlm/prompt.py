@@ -61,6 +61,9 @@ def tile_tags(num_tiles: int) -> list[str]:
     return [f"<tile_{k}>" for k in range(1, num_tiles)] + [THUMBNAIL_TAG]
 
 
+_tile_tags = tile_tags  # encode_conversation's `tile_tags` argument shadows the function
+
+
 def encode_conversation(
     tokenizer: Tokenizer,
     messages: Sequence[Mapping[str, str]],
@@ -70,12 +73,14 @@ def encode_conversation(
     system: str | None = DEFAULT_SYSTEM,
     add_generation_prompt: bool = True,
     style: str = "megatron",
+    tile_tags: bool = True,
 ) -> EncodedPrompt:
     """Render and tokenize a chat; `num_tiles[i]` is the tile count (thumbnail included) of the i-th image.
 
     `messages` are `{"role": "user" | "assistant", "content": str}`; a leading `{"role": "system", ...}`
     replaces `system`. Images are placed at `<image>` placeholders, or, when there are none, as
-    `<image>\\n` lines at the start of the first user message.
+    `<image>\\n` lines at the start of the first user message. `tile_tags=False` drops the tags (the tiles' tokens
+    follow each other inside `<Image>...</Image>`): an ablation, not what NVLM-D was trained with.
     """
     if style not in STYLES:
         raise ValueError(f"unknown prompt style {style!r}; choose one of {', '.join(STYLES)}")
@@ -83,7 +88,7 @@ def encode_conversation(
         raise ValueError(f"tokens_per_tile must be a positive int, got {tokens_per_tile!r}")
     num_tiles = list(num_tiles)
     for t in num_tiles:
-        tile_tags(t)  # validates
+        _tile_tags(t)  # validates
     system, turns = _split_system(messages, system)
     turns = _place_images(turns, len(num_tiles))
 
@@ -110,7 +115,7 @@ def encode_conversation(
     # Megatron masks the assistant prefix by its token count, even if BPE merges it into the content.
     prefix_len = len(tokenizer.encode(assistant_prefix))
     for role, content in turns:
-        items = _expand_images(f"{IM_START}{role}\n{content}{IM_END}{sep}", tiles, tokens_per_tile)
+        items = _expand_images(f"{IM_START}{role}\n{content}{IM_END}{sep}", tiles, tokens_per_tile, tile_tags)
         emit(items, prefix_len if role == "assistant" else None)
     if add_generation_prompt:
         emit([assistant_prefix], None)
@@ -152,15 +157,15 @@ def _place_images(turns: list[tuple[str, str]], num_images: int) -> list[tuple[s
     return turns
 
 
-def _expand_images(turn: str, tiles: Iterator[int], tokens_per_tile: int) -> list[_Item]:
-    """Split a rendered turn at its `<image>` placeholders into text runs, tags and pads."""
+def _expand_images(turn: str, tiles: Iterator[int], tokens_per_tile: int, tags: bool = True) -> list[_Item]:
+    """Split a rendered turn at its `<image>` placeholders into text runs, tags (unless `tags` is false) and pads."""
     pieces = turn.split(IMAGE_PLACEHOLDER)
     items: list[_Item] = []
     run = pieces[0]
     for after in pieces[1:]:
         items.append(run + IMAGE_START)
         for tag in tile_tags(next(tiles)):
-            items += [_Tag(tag), _Pads(tokens_per_tile)]
+            items += [_Tag(tag), _Pads(tokens_per_tile)] if tags else [_Pads(tokens_per_tile)]
         run = IMAGE_END + after
     items.append(run)
     return items

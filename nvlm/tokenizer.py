@@ -8,7 +8,8 @@ Notable:
   the way `Qwen2Tokenizer` does: NFC, the Qwen2 split regex, byte-level, BPE, no BOS.
 - `build_qwen2_tokenizer` derives that vocabulary from tiktoken ranks (`qwen.tiktoken`, same base
   vocab as Qwen2): a token's merge is the two parts that rank-BPE reaches using only lower ranks.
-- `build_byte_tokenizer` is a 278-id stand-in (256 bytes + the 22 added tokens) for tiny models.
+- `build_byte_tokenizer` is a 278-id stand-in (256 bytes + the 22 added tokens) for tiny models;
+  `train_bpe_tokenizer` learns a small BPE of the same kind (Qwen2 pre-tokenizer, byte-level) from a corpus.
 """
 
 from __future__ import annotations
@@ -233,6 +234,40 @@ def build_byte_tokenizer() -> Tokenizer:
     byte_char = bytes_to_unicode()
     vocab = {byte_char[b]: b for b in range(256)}
     return Tokenizer(_build_backend(vocab, [], _qwen25_added(256)))
+
+
+def train_bpe_tokenizer(texts, vocab_size: int = 512) -> Tokenizer:
+    """A small byte-level BPE for tiny models, learned from `texts` (an iterable of strings).
+
+    Same pipeline as Qwen2 (NFC, the Qwen2 split regex, byte-level, BPE) and the 22 Qwen2.5 added tokens after
+    the `vocab_size` base ids, so every string stays encodable (all 256 bytes are in the base vocabulary) and the
+    prompt format is unchanged; only the merges are the corpus's. Deterministic for a given corpus.
+    """
+    from tokenizers.trainers import BpeTrainer
+
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size must be >= 256 (the byte alphabet), got {vocab_size}")
+    byte_char = bytes_to_unicode()
+    tk = tokenizers.Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                                  fuse_unk=False, byte_fallback=False))
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    alphabet = [byte_char[b] for b in range(256)]
+    trainer = BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False, special_tokens=[],
+                         initial_alphabet=alphabet, limit_alphabet=256)
+    tk.train_from_iterator(texts, trainer=trainer)
+    model = json.loads(tk.to_str())["model"]
+    vocab = model["vocab"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    # Ids 0..255 are the bytes in byte order (as in build_byte_tokenizer), merged tokens follow in merge order.
+    ordered = {byte_char[b]: b for b in range(256)}
+    for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if tok not in ordered:
+            ordered[tok] = len(ordered)
+    return Tokenizer(_build_backend(ordered, merges, _qwen25_added(len(ordered))))
 
 
 def _qwen25_added(first_id: int) -> list[tuple[int, AddedToken]]:

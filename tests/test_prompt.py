@@ -66,6 +66,19 @@ def test_single_image_megatron(qwen_tokenizer):
     assert qwen_tokenizer.encode(out.text) != out.input_ids
 
 
+def test_without_tile_tags_the_tiles_follow_each_other(qwen_tokenizer):
+    """The ablation prompt (tile_tags=False): the same block with the tags removed, pads unchanged."""
+    out = encode_conversation(qwen_tokenizer, [user("What is this?")], num_tiles=[3], tokens_per_tile=4,
+                              tile_tags=False)
+    assert out.input_ids == [
+        *SYS_TURN,
+        S, USER, NL, *IMAGE_OPEN, *pads(12), *IMAGE_CLOSE_NL, *WHAT_IS_THIS, E, NL,
+        *GEN,
+    ]
+    assert out.text == ("<|im_start|>system\nAnswer the questions.<|im_end|>\n<|im_start|>user\n<Image>"
+                        + "<|vision_pad|>" * 12 + "</Image>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_single_image_hf_style(qwen_tokenizer):
     out = encode_conversation(qwen_tokenizer, [user("What is this?")], num_tiles=[3], tokens_per_tile=4, style="hf")
     assert out.input_ids == [

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from nvlm.tokenizer import QWEN25_ADDED_TOKENS, Tokenizer, build_byte_tokenizer, build_qwen2_tokenizer
+from nvlm.tokenizer import (QWEN25_ADDED_TOKENS, Tokenizer, build_byte_tokenizer, build_qwen2_tokenizer,
+                            train_bpe_tokenizer)
 from qwen_vocab import qwen_tiktoken_path
 
 # Ids from SPEC 10.8 / the brief (Qwen2 base vocabulary).
@@ -172,6 +173,26 @@ def test_byte_tokenizer(tmp_path):
     text = SPECIAL_SAMPLE[0] + SAMPLE[6]
     assert fast.encode(text) == slow.encode(text) == tk.encode(text)
     assert len(fast) == len(slow) == 278
+
+
+def test_trained_bpe_tokenizer(tmp_path):
+    corpus = ["There are 3 objects. A red circle at the top left.", "What colour is the circle at the top left?",
+              "Where is the blue star?", "<tile_1><tile_2><tile_global_thumbnail>"] * 20
+    tk = train_bpe_tokenizer(corpus, vocab_size=300)
+    assert 256 < len(tk) - len(QWEN25_ADDED_TOKENS) <= 300
+    base = len(tk) - len(QWEN25_ADDED_TOKENS)
+    assert (tk.endoftext_id, tk.im_start_id, tk.vision_pad_id) == (base, base + 1, base + 11)
+    # corpus words became single tokens; bytes keep their ids, so anything stays encodable
+    assert tk.encode(" circle") == [tk.token_to_id("Ġcircle")]
+    assert len(tk.encode("What colour is the circle?")) < len("What colour is the circle?") / 2
+    assert tk.encode("KQ") == [ord("K"), ord("Q")]  # no upper-case pair in the corpus: one token per character
+    for text in ("héllo 😀", "K7Q 42", "<|im_start|>user\nhi<|im_end|>"):
+        assert tk.decode(tk.encode(text), skip_special_tokens=False) == text
+    assert train_bpe_tokenizer(corpus, vocab_size=300).encode(corpus[0]) == tk.encode(corpus[0])  # deterministic
+    tk.save(tmp_path)
+    assert Tokenizer.from_dir(tmp_path).encode(corpus[1]) == tk.encode(corpus[1])
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_bpe_tokenizer(corpus, vocab_size=100)
 
 
 def test_merges_from_tiktoken_ranks(tmp_path):

@@ -89,7 +89,8 @@ def add_train_parsers(sub) -> None:
         "train", help="train NVLM-D (stage 1 pretrain / stage 2 sft) from a TOML config",
         description="Train from a TOML config (see configs/*.toml). Stage presets follow the paper's tables: "
         "pretrain trains mlp1 only (lr 1e-4 -> 2.5e-5, warmup 500, betas 0.9/0.95), sft trains the LLM + mlp1 "
-        "(lr 2e-6 -> 2.5e-7, warmup 1000, betas 0.9/0.98); the ViT is always frozen. Writes OUTPUT/metrics.jsonl, "
+        "(lr 2e-6 -> 2.5e-7, warmup 1000, betas 0.9/0.98) with the ViT frozen; full (not in the paper, for training "
+        "from scratch) trains everything, ViT included. Writes OUTPUT/metrics.jsonl, "
         "checkpoints under OUTPUT/checkpoints (resumed automatically) and OUTPUT/final in the official layout. "
         "Several processes: torchrun --nproc_per_node N -m nvlm train CONFIG.")
     p.add_argument("config", help="TOML training config")

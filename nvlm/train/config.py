@@ -25,7 +25,7 @@ try:
 except ImportError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "full")
 DTYPES = ("auto", "float32", "bfloat16")
 LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -38,6 +38,14 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
                       "max_steps": 20_000, "grad_clip": 10.0},
     },
     "sft": {
+        "global_batch_size": 128,
+        "data": {"max_len": 3200, "max_tiles": 6},
+        "optimizer": {"lr": 2e-6, "min_lr": 2.5e-7, "betas": [0.9, 0.98], "weight_decay": 0.1, "warmup_steps": 1000,
+                      "max_steps": 40_000, "grad_clip": 10.0},
+    },
+    # Not in the paper: every parameter learns (ViT included), for training a model from scratch (the tiny default
+    # model); hyper-parameters as `sft`, to be set by the config.
+    "full": {
         "global_batch_size": 128,
         "data": {"max_len": 3200, "max_tiles": 6},
         "optimizer": {"lr": 2e-6, "min_lr": 2.5e-7, "betas": [0.9, 0.98], "weight_decay": 0.1, "warmup_steps": 1000,
@@ -68,6 +76,7 @@ class DataConfig:
     max_tokens: int | None = None  # packed row length (default: max_len)
     system: str = "Answer the questions."
     use_thumbnail: bool = True
+    tile_tags: bool = True  # false: no <tile_k> tags before the tiles (an ablation; NVLM-D uses them)
     workers: int = 0  # threads building samples (image decoding, tiling); the stream does not depend on it
 
 

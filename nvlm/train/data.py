@@ -450,7 +450,7 @@ class ConversationDataset(Dataset):
 
     def __init__(self, records: Sequence[Mapping], tokenizer: Tokenizer, *, tokens_per_tile: int, image_size: int,
                  max_tiles: int = 6, max_len: int = 4096, system: str | None = DEFAULT_SYSTEM,
-                 use_thumbnail: bool = True):
+                 use_thumbnail: bool = True, tile_tags: bool = True):
         for name, v in (("tokens_per_tile", tokens_per_tile), ("image_size", image_size), ("max_tiles", max_tiles),
                         ("max_len", max_len)):
             if not isinstance(v, int) or v < 1:
@@ -463,6 +463,7 @@ class ConversationDataset(Dataset):
         self.max_len = max_len
         self.system = system
         self.use_thumbnail = use_thumbnail
+        self.tile_tags = tile_tags
         self.skipped: Counter = Counter()
         self._lock = threading.Lock()
 
@@ -499,7 +500,7 @@ class ConversationDataset(Dataset):
             tiles.append(im.num_tiles)
         try:
             enc = encode_conversation(self.tokenizer, messages, num_tiles=tiles, tokens_per_tile=self.tokens_per_tile,
-                                      system=self.system, add_generation_prompt=False)
+                                      system=self.system, add_generation_prompt=False, tile_tags=self.tile_tags)
         except (ValueError, TypeError, AttributeError) as exc:
             return self._skip("bad_prompt", where, str(exc))
         if len(enc.input_ids) > self.max_len:

@@ -406,6 +406,7 @@ def write_dataset(
     text_prob: float = 0.7,
     max_texts: int = 2,
     text_scale: int = 1,
+    train_grids: Sequence[tuple[int, int]] | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
@@ -416,6 +417,8 @@ def write_dataset(
     distinct questions per image, one per record) for kind "qa"; meta.json (parameters and counts per type).
     Records: {"id", "image", "conversations": [human "<image>\\n"+question, gpt answer], "type", "grid"}, where
     grid is the (cols, rows) that `nvlm.image.find_grid` picks at `tile_size` with `max_tiles`.
+    `train_grids` restricts the training images to some of the grids (e.g. [(1, 1)] for an easy first stage) while
+    the held-out split stays the one of `max_tiles`, so datasets that differ only in it share test.jsonl.
     """
     from ..image import find_grid
 
@@ -436,6 +439,13 @@ def write_dataset(
                   text_scale=text_scale, grids=[list(g) for g in grids])
     gen = dict(tile_size=tile_size, grids=grids, min_objects=min_objects, max_objects=max_objects,
                text_prob=text_prob, max_texts=max_texts, text_scale=text_scale)
+    gen_train = gen
+    if train_grids is not None:
+        train_grids = [tuple(g) for g in train_grids]
+        if not train_grids or set(train_grids) - set(grids):
+            raise ValueError(f"train_grids must be a non-empty subset of {grids}, got {train_grids}")
+        gen_train = dict(gen, grids=train_grids)
+        params["train_grids"] = [list(g) for g in train_grids]
     generate_scene(random.Random(0), **gen)  # validate the parameters before touching the disk
 
     out = Path(out_dir)
@@ -460,7 +470,7 @@ def write_dataset(
             bar = _progress(n, split) if progress else None
             i = 0
             while i < n:
-                scene = generate_scene(rng, **gen)
+                scene = generate_scene(rng, **(gen if split == "test" else gen_train))
                 key = (find_grid(*scene.size, max_num=max_tiles, image_size=tile_size), scene.key())
                 if split == "test":
                     test_keys.add(key)
@@ -551,6 +561,28 @@ def evaluate(predictions: Sequence[tuple[dict, str]], *, baseline_records: Seque
                      "majority_answer": majority.get(g.split("/")[0]) if g != "all" else None,
                      "majority_accuracy": blind / len(items)}
     return result
+
+
+def answer_questions(pipe, records: Sequence[dict], root: str | Path, *, batch: int = 50, max_new_tokens: int = 12,
+                     max_tiles: int | None = None, tile_tags: bool = True, progress: bool = False) -> list[str]:
+    """Greedy answers of `pipe` (an `nvlm.Pipeline`) to the first question of each record, images under `root`."""
+    it = range(0, len(records), batch)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="answering", unit="batch", file=sys.stderr)
+    out: list[str] = []
+    for i in it:
+        chunk = records[i:i + batch]
+        qs = [r["conversations"][0]["value"].replace("<image>\n", "", 1) for r in chunk]
+        res = pipe.generate(qs, [[str(Path(root) / r["image"])] for r in chunk], max_new_tokens=max_new_tokens,
+                            max_tiles=max_tiles, tile_tags=tile_tags)
+        out += [r.text for r in res]
+    return out
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------------------------------------- CLI

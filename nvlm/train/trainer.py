@@ -1,8 +1,9 @@
 """The NVLM-D training loop: stage 1 `pretrain` (only `mlp1` learns) and stage 2 `sft` (LLM + `mlp1` learn).
 
 Notable:
-- Freezing (SPEC 5): the ViT is frozen in every stage; `pretrain` trains `mlp1` only; `sft` trains the LLM and
-  `mlp1`; with LoRA only the adapters (and `mlp1`, unless it has adapters itself) learn.
+- Freezing (SPEC 5): the ViT is frozen in both paper stages; `pretrain` trains `mlp1` only; `sft` trains the LLM and
+  `mlp1`; with LoRA only the adapters (and `mlp1`, unless it has adapters itself) learn. A third stage, `full`
+  (not in the paper), trains everything, ViT included: a model trained from scratch has no pretrained ViT to keep.
 - Loss = per-token mean over the supervised tokens of the whole *global* batch (SPEC 5/11.9, Megatron's
   `calculate_per_token_loss`): each step first counts the supervised targets of all its micro-batches on all ranks
   (one all-reduce), then every micro-batch backpropagates `sum CE / global count`. The gradient is therefore the
@@ -63,9 +64,11 @@ def lr_at(step: int, o: OptimizerConfig) -> float:
 
 
 def trainable_rule(name: str, stage: str, lora) -> bool:
-    """Whether parameter `name` learns in `stage` (the ViT never does, except through LoRA adapters)."""
+    """Whether parameter `name` learns in `stage` (the ViT only in `full`, or through LoRA adapters)."""
     if lora is not None:
         return is_lora_param(name) or (name.startswith("mlp1.") and not lora.projector)
+    if stage == "full":
+        return True
     if stage == "pretrain":
         return name.startswith("mlp1.")
     return name.startswith(("mlp1.", "language_model."))
@@ -150,7 +153,7 @@ def build_stream(cfg: TrainConfig, tokenizer, model_config, *, rank: int = 0, wo
         ds = ConversationDataset(records, tokenizer, tokens_per_tile=model_config.tokens_per_tile,
                                  image_size=model_config.image_size, max_tiles=cfg.data.max_tiles,
                                  max_len=cfg.data.max_len, system=cfg.data.system,
-                                 use_thumbnail=cfg.data.use_thumbnail)
+                                 use_thumbnail=cfg.data.use_thumbnail, tile_tags=cfg.data.tile_tags)
         sources.append((ds, src.weight))
     return Blend(sources, seed=cfg.seed, rank=rank, world_size=world_size, workers=cfg.data.workers)
 

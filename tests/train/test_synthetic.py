@@ -330,3 +330,15 @@ def test_cli_parser(tmp_path):
     with pytest.raises(ValueError, match="TYPE=NUMBER"):
         args = parser.parse_args(["synth", str(tmp_path / "e"), "--weights", "ocr"])
         args.func(args)
+
+
+def test_train_grids_restrict_training_images_and_keep_the_held_out_split(tmp_path):
+    full = write_dataset(tmp_path / "a", n_train=12, n_test=8, seed=3, tile_size=56, kinds=("qa",))
+    easy = write_dataset(tmp_path / "b", n_train=12, n_test=8, seed=3, tile_size=56, kinds=("qa",),
+                         train_grids=[(1, 1)])
+    assert (tmp_path / "a" / "test.jsonl").read_bytes() == (tmp_path / "b" / "test.jsonl").read_bytes()
+    grids = {tuple(json.loads(line)["grid"]) for line in (tmp_path / "b" / "train.jsonl").read_text().splitlines()}
+    assert grids == {(1, 1)}
+    assert easy["params"]["train_grids"] == [[1, 1]] and "train_grids" not in full["params"]
+    with pytest.raises(ValueError, match="train_grids"):
+        write_dataset(tmp_path / "c", n_train=1, n_test=0, tile_size=56, max_tiles=1, train_grids=[(2, 1)])

@@ -188,6 +188,17 @@ def test_sft_trains_llm_and_projector_not_vit(base, data, tmp_path):
             assert torch.equal(v, before[k]), f"frozen {k} changed"
 
 
+def test_full_stage_trains_everything_including_the_vit(base, image_data, tmp_path):
+    t = Trainer(make_config(base, image_data, tmp_path, "stage=full", "data.max_tiles=1"))
+    assert all(p.requires_grad for p in t.model.parameters())
+    before = snapshot(t.model)
+    t.step()
+    changed = {k for k, v in t.model.state_dict().items() if not torch.equal(v, before[k])}
+    vit = {k for k in before if k.startswith("vision_model.")}
+    assert vit & changed and "vision_model.embeddings.patch_embedding.weight" in changed
+    assert {k for k in before if k.startswith("mlp1.")} <= changed
+
+
 # ---- loss normalisation ------------------------------------------------------------------------------------------
 
 def test_micro_batch_split_does_not_change_the_result(base, data, tmp_path):
