@@ -47,10 +47,7 @@ def _sampling(args) -> dict:
                 logprobs=args.logprobs)
 
 
-def default_model_path() -> str | None:
-    """The model bundled with the package, if this build ships one."""
-    here = Path(__file__).parent / "assets" / "tiny-nvlm"
-    return str(here) if (here / "config.json").exists() else None
+from .assets import default_model_path  # noqa: E402  (re-exported for nvlm.serve.cli)
 
 
 def _load(args):

@@ -174,10 +174,10 @@ def _as_list(images) -> list:
     return [images]
 
 
-def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | None = None,
+def load(path: str | Path | None = None, *, dtype: str | torch.dtype | None = None, device: str | None = None,
          device_map: str | dict | None = None, quantize: str | None = None, group_size: int = 128,
          quantize_lm_head: bool = False, progress: bool = False) -> Pipeline:
-    """Load a checkpoint directory (or Hub repo id) in the official NVLM-D layout.
+    """Load a checkpoint directory (or Hub repo id) in the official NVLM-D layout; no path = the bundled tiny model.
 
     `quantize="int8"|"int4"` swaps the decoder's linears for weight-only quantized ones after loading (a checkpoint
     saved quantized is detected and loaded as such). With quantization, `dtype="auto"` means bfloat16 even on CPU:
@@ -185,6 +185,12 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: st
     """
     from .quantize import is_quantized_checkpoint, load_quantized, quantize_model
 
+    if path is None:
+        from .assets import default_model_path
+
+        path = default_model_path()
+        if path is None:
+            raise ValueError("no path given and this nvlm build bundles no default model")
     directory = resolve_checkpoint(path)
     device = device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():

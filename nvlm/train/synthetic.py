@@ -508,6 +508,66 @@ def write_dataset(
     return meta
 
 
+def zoom_sample(rng: random.Random, *, tile_size: int = 112, zoom: tuple[float, float] = (1.2, 5.0),
+                text_prob: float = 0.5) -> tuple[Image.Image, list[tuple[str, str, str]]]:
+    """A close-up of one item of a random 1x1 scene and its questions: (image, [(qtype, question, answer)]).
+
+    The scene has one shape and, with `text_prob`, one text. The crop is centred on one of them, `zoom` x its size
+    (clipped to the image; the other item may show, which changes no answer), so the item fills much of the image: the easy end of a curriculum (a from-scratch model reads a
+    colour or a glyph that covers the image long before it finds a 20-px shape among 16 image tokens). Shape crops
+    get colour, shape, count and existence questions, text crops the OCR question; no position questions.
+    """
+    scene = generate_scene(rng, tile_size=tile_size, grids=[(1, 1)], min_objects=1, max_objects=1,
+                           text_prob=text_prob, max_texts=1)
+    item = scene.texts[0] if scene.texts and rng.random() < 0.5 else scene.objects[0]
+    if isinstance(item, Text):
+        box = text_box(scene, item)
+        qa = [("ocr", "What text is written in the image?", item.text)]
+    else:
+        box = object_box(scene, item)
+        s, c = item.shape, item.colour
+        other = rng.choice([(c2, s2) for c2 in COLOURS for s2 in SHAPES if (c2, s2) != (c, s)])
+        qa = [("colour", f"What colour is the {s}?", c), ("shape", f"What shape is the {c} object?", s),
+              rng.choice([("count", "How many objects are there?", "1"),
+                          ("count", f"How many {rng.choice(SHAPES)}s are there?", None)]),
+              rng.choice([("exist", f"Is there {_a(c)} {s}?", "yes"),
+                          ("exist", f"Is there {_a(other[0])} {other[1]}?", "no")])]
+        qa = [(t, q, a if a is not None else str(int(q == f"How many {s}s are there?"))) for t, q, a in qa]
+        rng.shuffle(qa)
+    cx0, cy0, (cx1, cy1) = 0, 0, scene.size
+    x0, y0, x1, y1 = box
+    half = rng.uniform(*zoom) * max(x1 - x0, y1 - y0) / 2
+    mx, my = (x0 + x1) / 2, (y0 + y1) / 2
+    crop = (max(cx0, mx - half), max(cy0, my - half), min(cx1, mx + half), min(cy1, my + half))
+    crop = tuple(int(round(v)) for v in crop)
+    return render(scene).crop(crop), qa
+
+
+def write_zoom_dataset(out_dir: str | Path, *, n: int, seed: int = 0, tile_size: int = 112,
+                       zoom: tuple[float, float] = (1.2, 5.0), name: str = "zoom", progress: bool = False) -> int:
+    """`n` close-ups (`zoom_sample`) as multi-turn conversations in OUT/{name}.jsonl (images OUT/images/{name}-*.png);
+    the random stream is "nvlm-synth/{seed}/{name}", separate from the scene dataset's. Returns the record count."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"nvlm-synth/{seed}/{name}")
+    bar = _progress(n, name) if progress else None
+    with open(out / f"{name}.jsonl", "w", encoding="utf-8", newline="\n") as f:
+        for i in range(n):
+            img, qa = zoom_sample(rng, tile_size=tile_size, zoom=zoom)
+            image = f"images/{name}-{i:06d}.png"
+            img.save(out / image, format="PNG")
+            conv = []
+            for k, (_, q, a) in enumerate(qa):
+                conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+            f.write(json.dumps({"id": f"{name}-{i:06d}", "image": image, "conversations": conv,
+                                "type": "zoom", "types": [t for t, _, _ in qa]}) + "\n")
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return n
+
+
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
