@@ -100,16 +100,6 @@ def derangement(n: int, seed: int) -> list[int]:
     return perm
 
 
-def answer_all(pipe, records: list[dict], images: list[Path], batch: int = 64) -> list[str]:
-    out = []
-    for i in range(0, len(records), batch):
-        chunk = records[i:i + batch]
-        questions = [r["conversations"][0]["value"].replace("<image>\n", "", 1) for r in chunk]
-        results = pipe.generate(questions, [[str(p)] for p in images[i:i + batch]], max_new_tokens=16)
-        out += [r.text for r in results]
-    return out
-
-
 def run_proof(out: str | Path, *, n: int = 256, steps: int = 600, lr: float = 3e-3, batch: int = 32,
               warmup: int = 20, seed: int = 0, tile_size: int = 56, hidden: int = 128, layers: int = 2,
               threads: int | None = 2, progress: bool = False) -> dict:
@@ -119,7 +109,7 @@ def run_proof(out: str | Path, *, n: int = 256, steps: int = 600, lr: float = 3e
     import nvlm
     from nvlm.tokenizer import build_byte_tokenizer
     from nvlm.train.config import load_config
-    from nvlm.train.synthetic import evaluate, write_dataset
+    from nvlm.train.synthetic import answer_questions, evaluate, read_jsonl, write_dataset
     from nvlm.train.trainer import Trainer
     from nvlm.weights import random_model, save_checkpoint
 
@@ -143,13 +133,17 @@ def run_proof(out: str | Path, *, n: int = 256, steps: int = 600, lr: float = 3e
     history = trainer.fit()
     train_s = time.perf_counter() - t0
 
-    records = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    records = read_jsonl(out / "data" / "train.jsonl")
     images = [out / "data" / r["image"] for r in records]
     pipe = nvlm.load(out / "run" / "final", device="cpu", dtype="float32")
     t1 = time.perf_counter()
-    own = evaluate(list(zip(records, answer_all(pipe, records, images))))
+
+    def answers(imgs):
+        return answer_questions(pipe, records, out / "data", images=imgs, batch=64, max_new_tokens=16)
+
+    own = evaluate(list(zip(records, answers(images))))
     perm = derangement(len(records), seed)
-    shuffled = evaluate(list(zip(records, answer_all(pipe, records, [images[j] for j in perm]))))
+    shuffled = evaluate(list(zip(records, answers([images[j] for j in perm]))))
     eval_s = time.perf_counter() - t1
     return {
         "n": len(records), "steps": steps, "epochs": steps * batch / len(records), "batch": batch, "lr": lr,

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from .assets import default_model_path
+
 EXIT_USAGE = 2
 
 
@@ -45,9 +47,6 @@ def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
                 logprobs=args.logprobs)
-
-
-from .assets import default_model_path  # noqa: E402  (re-exported for nvlm.serve.cli)
 
 
 def _load(args):

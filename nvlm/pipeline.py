@@ -159,8 +159,8 @@ class Pipeline:
         images = images if images is not None else [()] * len(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
-        prepared = [self.prepare(p, _as_list(im), system=system, max_tiles=max_tiles, style=style, tile_tags=tile_tags)
-                    for p, im in zip(prompts, images)]
+        prepared = [self.prepare(p, _as_list(im), system=system, max_tiles=max_tiles, style=style,
+                                 tile_tags=tile_tags) for p, im in zip(prompts, images)]
         outs = self.generate_prepared(prepared, SamplingParams(**sampling))
         return [ChatResult(o.text, p.input_ids, o.token_ids, p.num_tiles, o.finish_reason, o.logprobs)
                 for p, o in zip(prepared, outs)]

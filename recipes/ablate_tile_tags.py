@@ -1,7 +1,7 @@
 """Tile-tag ablation at toy scale (the paper's Table 1 claim): stage 2 of the tiny-model recipe (the stage with
-multi-tile images) run three times from the same stage-1 model on the same data, (1) with tile tags, (2) without tags (the tiles' tokens follow each other
-inside <Image>...</Image>), (3) thumbnail only (1 tile: the whole image at 112 px), scored on the held-out OCR
-questions, overall and per tile grid.
+multi-tile images) run three times from the same stage-1 model on the same data, (1) with tile tags, (2) without
+tags (the tiles' tokens follow each other inside <Image>...</Image>), (3) thumbnail only (1 tile: the whole image
+at 112 px), scored on the held-out OCR questions, overall and per tile grid.
 
     python recipes/train_tiny.py --out runs/tiny-nvlm                                  # stages 0-1 (and 2) first
     python recipes/ablate_tile_tags.py --from-run runs/tiny-nvlm --stage2-steps 200    # three shorter stage 2s

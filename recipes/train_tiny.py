@@ -5,17 +5,20 @@
     python recipes/train_tiny.py --out runs/quick --scale 0.1    # a 10x shorter run (data and steps)
 
 One command, everything through the public pieces (`nvlm synth`, `nvlm train` configs, `nvlm.load`):
-1. Data (`nvlm.train.synthetic.write_dataset`, tile size 112, up to 6 tiles + thumbnail): dense descriptions of
-   every object and text (`describe.jsonl`) and 4 questions per training image, grouped into one multi-turn
-   conversation per image (`qa_multiturn.jsonl`: the image is encoded once for 4 supervised answers); the fixed
-   held-out split `test.jsonl` (500 scenes, independent of the training size) is only used for scoring.
-2. Tokenizer: a 512-id byte-level BPE learned from the training prompts and answers with the random text strings
-   removed (so texts to read are always spelled one character per token), plus the Qwen2.5 added tokens.
+1. Data (`nvlm.train.synthetic`, tile size 112, up to 6 tiles + thumbnail): OUT/data (scenes on every grid) and
+   OUT/data-1x1 (1x1 scenes only, plus close-ups of single items: `zoom_close.jsonl`, an item filling 1/4-2/3 of
+   the image, and `zoom.jsonl`, up to 5x its size), each with dense descriptions (`describe.jsonl`) and 4 questions
+   per image grouped into one multi-turn conversation (`qa_multiturn.jsonl`: the image is encoded once for 4
+   supervised answers). Both share the fixed held-out split `test.jsonl` (500 scenes on every grid, independent of
+   the training size), used only for scoring.
+2. Tokenizer: a byte-level BPE (at most 512 base ids; the corpus yields 404) learned from the training prompts and
+   answers with the random text strings removed (so texts to read are always spelled one character per token),
+   plus the Qwen2.5 added tokens.
 3. Model (`tiny_model_config`): the NVLM-D architecture (InternViT-style ViT, pixel shuffle 0.5, 2-layer MLP
    projector, Qwen2 decoder), 112-px tiles with 14-px patches = 16 image tokens per tile, random initialisation.
-4. Curriculum, both with the `full` stage (every parameter learns; the paper's stages keep a pretrained ViT frozen,
-   which a from-scratch model does not have): stage 1 describes images only (many supervised tokens per image,
-   every object and text named); stage 2 answers questions with descriptions mixed in (1 in 4 samples).
+4. Curriculum, all with the `full` stage (every parameter learns; the paper's stages keep a pretrained ViT frozen,
+   which a from-scratch model does not have): stage 0 close-ups only; stage 1 1x1 scenes (questions, close-ups,
+   descriptions); stage 2 every grid with the earlier data mixed in (exported in bf16, the shipped file).
 5. Scores: greedy answers to every held-out question, exact match per question type and OCR per tile grid
    (`synthetic.evaluate`), written to OUT/scores.json and, with --install, next to the shipped model.
 
@@ -91,17 +94,14 @@ def tiny_model_config(vocab_size: int, *, max_tiles: int = 6):
 
 def group_turns(qa_path: Path, out_path: Path) -> int:
     """One multi-turn conversation per image from single-question records (same order as the file)."""
+    from nvlm.train.synthetic import multi_turn, read_jsonl
+
     by_image: dict[str, list[dict]] = defaultdict(list)
-    for line in qa_path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
+    for rec in read_jsonl(qa_path):
         by_image[rec["image"]].append(rec)
     with open(out_path, "w", encoding="utf-8") as f:
         for image, recs in by_image.items():
-            conv = []
-            for k, r in enumerate(recs):
-                q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
-                conv += [{"from": "human", "value": q if k == 0 else q.replace("<image>\n", "", 1)},
-                         {"from": "gpt", "value": a}]
+            conv = multi_turn((r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in recs)
             f.write(json.dumps({"id": recs[0]["id"].rsplit("-", 1)[0], "image": image, "conversations": conv}) + "\n")
     return len(by_image)
 
@@ -133,14 +133,12 @@ def stage_toml(out: Path, name: str, *, model: Path, sources: list[tuple[Path, f
     return toml
 
 
-def evaluate_model(model_dir: Path, data: Path, *, max_tiles: int | None = None, tile_tags: bool = True,
+def evaluate_model(pipe, data: Path, *, max_tiles: int | None = None, tile_tags: bool = True,
                    progress: bool = False) -> dict:
-    """Greedy answers to the held-out questions of `data/test.jsonl`, scored per type and OCR grid."""
-    import nvlm
+    """Greedy answers of `pipe` to the held-out questions of `data/test.jsonl`, scored per type and OCR grid."""
     from nvlm.train.synthetic import answer_questions, evaluate, read_jsonl
 
     records = read_jsonl(data / "test.jsonl")
-    pipe = nvlm.load(model_dir, device="cpu", dtype="float32")
     preds = answer_questions(pipe, records, data, max_tiles=max_tiles, tile_tags=tile_tags, progress=progress)
     return evaluate(list(zip(records, preds)), baseline_records=read_jsonl(data / "train.jsonl"))
 
@@ -238,9 +236,10 @@ def main(argv=None) -> int:
 
     final = out / "stage2" / "final"
     t = time.perf_counter()
-    scores = evaluate_model(final, data, max_tiles=a.max_tiles, tile_tags=tags, progress=progress)
+    pipe = nvlm.load(final, device="cpu", dtype="float32")
+    scores = evaluate_model(pipe, data, max_tiles=a.max_tiles, tile_tags=tags, progress=progress)
     times["eval_s"] = time.perf_counter() - t
-    n_params = sum(v.numel() for v in nvlm.load(final, device="cpu").model.state_dict().values())
+    n_params = sum(v.numel() for v in pipe.model.state_dict().values())
 
     print(f"{'group':<12}{'n':>5}{'accuracy':>10}{'majority':>10}")
     for g, r in scores.items():

@@ -43,15 +43,10 @@ STAGE_PRESETS: dict[str, dict[str, Any]] = {
         "optimizer": {"lr": 2e-6, "min_lr": 2.5e-7, "betas": [0.9, 0.98], "weight_decay": 0.1, "warmup_steps": 1000,
                       "max_steps": 40_000, "grad_clip": 10.0},
     },
-    # Not in the paper: every parameter learns (ViT included), for training a model from scratch (the tiny default
-    # model); hyper-parameters as `sft`, to be set by the config.
-    "full": {
-        "global_batch_size": 128,
-        "data": {"max_len": 3200, "max_tiles": 6},
-        "optimizer": {"lr": 2e-6, "min_lr": 2.5e-7, "betas": [0.9, 0.98], "weight_decay": 0.1, "warmup_steps": 1000,
-                      "max_steps": 40_000, "grad_clip": 10.0},
-    },
 }
+# Not in the paper: every parameter learns (ViT included), for training a model from scratch (the tiny default
+# model); hyper-parameters as `sft`, to be set by the config.
+STAGE_PRESETS["full"] = copy.deepcopy(STAGE_PRESETS["sft"])
 
 
 class TrainConfigError(ValueError):

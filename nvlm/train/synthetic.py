@@ -381,6 +381,15 @@ def describe(scene: Scene) -> str:
 # ------------------------------------------------------------------------------------------------------ dataset
 
 
+def multi_turn(pairs: Iterable[tuple[str, str]]) -> list[dict]:
+    """LLaVA-style turns for (question, answer) pairs about one image: `<image>\\n` before the first question only."""
+    conv: list[dict] = []
+    for k, (q, a) in enumerate(pairs):
+        q = q.replace("<image>\n", "", 1)
+        conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return conv
+
+
 def _record(rid: str, image: str, question: str, answer: str, qtype: str, grid: tuple[int, int]) -> dict:
     return {"id": rid, "image": image,
             "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}],
@@ -513,8 +522,9 @@ def zoom_sample(rng: random.Random, *, tile_size: int = 112, zoom: tuple[float, 
     """A close-up of one item of a random 1x1 scene and its questions: (image, [(qtype, question, answer)]).
 
     The scene has one shape and, with `text_prob`, one text. The crop is centred on one of them, `zoom` x its size
-    (clipped to the image; the other item may show, which changes no answer), so the item fills much of the image: the easy end of a curriculum (a from-scratch model reads a
-    colour or a glyph that covers the image long before it finds a 20-px shape among 16 image tokens). Shape crops
+    (clipped to the image; the other item may show, which changes no answer), so the item fills much of the image:
+    the easy end of a curriculum (a from-scratch model reads a colour or a glyph that covers the image long before it
+    finds a 20-px shape among 16 image tokens). Shape crops
     get colour, shape, count and existence questions, text crops the OCR question; no position questions.
     """
     scene = generate_scene(rng, tile_size=tile_size, grids=[(1, 1)], min_objects=1, max_objects=1,
@@ -534,11 +544,11 @@ def zoom_sample(rng: random.Random, *, tile_size: int = 112, zoom: tuple[float, 
                           ("exist", f"Is there {_a(other[0])} {other[1]}?", "no")])]
         qa = [(t, q, a if a is not None else str(int(q == f"How many {s}s are there?"))) for t, q, a in qa]
         rng.shuffle(qa)
-    cx0, cy0, (cx1, cy1) = 0, 0, scene.size
+    w, h = scene.size
     x0, y0, x1, y1 = box
     half = rng.uniform(*zoom) * max(x1 - x0, y1 - y0) / 2
     mx, my = (x0 + x1) / 2, (y0 + y1) / 2
-    crop = (max(cx0, mx - half), max(cy0, my - half), min(cx1, mx + half), min(cy1, my + half))
+    crop = (max(0, mx - half), max(0, my - half), min(w, mx + half), min(h, my + half))
     crop = tuple(int(round(v)) for v in crop)
     return render(scene).crop(crop), qa
 
@@ -556,9 +566,7 @@ def write_zoom_dataset(out_dir: str | Path, *, n: int, seed: int = 0, tile_size:
             img, qa = zoom_sample(rng, tile_size=tile_size, zoom=zoom)
             image = f"images/{name}-{i:06d}.png"
             img.save(out / image, format="PNG")
-            conv = []
-            for k, (_, q, a) in enumerate(qa):
-                conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+            conv = multi_turn((q, a) for _, q, a in qa)
             f.write(json.dumps({"id": f"{name}-{i:06d}", "image": image, "conversations": conv,
                                 "type": "zoom", "types": [t for t, _, _ in qa]}) + "\n")
             if bar is not None:
@@ -623,9 +631,15 @@ def evaluate(predictions: Sequence[tuple[dict, str]], *, baseline_records: Seque
     return result
 
 
-def answer_questions(pipe, records: Sequence[dict], root: str | Path, *, batch: int = 50, max_new_tokens: int = 12,
-                     max_tiles: int | None = None, tile_tags: bool = True, progress: bool = False) -> list[str]:
-    """Greedy answers of `pipe` (an `nvlm.Pipeline`) to the first question of each record, images under `root`."""
+def answer_questions(pipe, records: Sequence[dict], root: str | Path, *, images: Sequence[str | Path] | None = None,
+                     batch: int = 50, max_new_tokens: int = 12, max_tiles: int | None = None, tile_tags: bool = True,
+                     progress: bool = False) -> list[str]:
+    """Greedy answers of `pipe` (an `nvlm.Pipeline`) to the first question of each record, about the record's image
+    under `root` (or about `images[i]`, e.g. to shuffle images among the questions)."""
+    if images is None:
+        images = [Path(root) / r["image"] for r in records]
+    elif len(images) != len(records):
+        raise ValueError(f"{len(records)} records but {len(images)} images")
     it = range(0, len(records), batch)
     if progress:
         from tqdm import tqdm
@@ -635,7 +649,7 @@ def answer_questions(pipe, records: Sequence[dict], root: str | Path, *, batch: 
     for i in it:
         chunk = records[i:i + batch]
         qs = [r["conversations"][0]["value"].replace("<image>\n", "", 1) for r in chunk]
-        res = pipe.generate(qs, [[str(Path(root) / r["image"])] for r in chunk], max_new_tokens=max_new_tokens,
+        res = pipe.generate(qs, [[str(p)] for p in images[i:i + batch]], max_new_tokens=max_new_tokens,
                             max_tiles=max_tiles, tile_tags=tile_tags)
         out += [r.text for r in res]
     return out
