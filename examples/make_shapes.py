@@ -1,6 +1,6 @@
 """Draw examples/shapes.png, the README's example image, with the synthetic scene renderer the tiny model was
 trained on: a 3x2-tile image (336x224 px) with two red circles (top left, top right), a green triangle (bottom
-left), a blue square (bottom) and the text "NVLM" (center).
+left), a blue square (bottom) and the text "NVLM" (center), drawn at 2x the bitmap font like the training data.
 
     python examples/make_shapes.py      # rewrites examples/shapes.png (byte-identical)
 """
@@ -15,6 +15,7 @@ SCENE = Scene(
              Obj("square", "blue", (1, 2))),
     texts=(Text("NVLM", (1, 1)),),
     background=(245, 245, 240),
+    text_scale=2,
 )
 ANSWERS = {  # what the scene holds, for the tests and the README
     "How many circles are there?": "2",

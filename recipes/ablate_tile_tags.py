@@ -1,12 +1,12 @@
-"""Tile-tag ablation at toy scale (the paper's Table 1 claim): stage 2 of the tiny-model recipe (the stage with
-multi-tile images) run three times from the same stage-1 model on the same data, (1) with tile tags, (2) without
+"""Tile-tag ablation at toy scale (the paper's Table 1 claim): the last stage of the tiny-model recipe (s4, the only
+one with multi-tile images) run three times from the same s3 model on the same data, (1) with tile tags, (2) without
 tags (the tiles' tokens follow each other inside <Image>...</Image>), (3) thumbnail only (1 tile: the whole image
 at 112 px), scored on the held-out OCR questions, overall and per tile grid.
 
-    python recipes/train_tiny.py --out runs/tiny-nvlm                                  # stages 0-1 (and 2) first
-    python recipes/ablate_tile_tags.py --from-run runs/tiny-nvlm --stage2-steps 200    # three shorter stage 2s
+    python recipes/train_tiny.py --out runs/tiny-nvlm                               # the full recipe first
+    python recipes/ablate_tile_tags.py --from-run runs/tiny-nvlm --s4-steps 1000    # three shorter s4 stages
 
-Stages 0-1 (close-ups and 1x1 scenes, nearly all single-tile) are shared, so the arms differ only where multi-tile
+Stage V and s1-s3 (the ViT and the 1x1 decoder stages) are shared, so the arms differ only where multi-tile
 images appear. Each arm is `recipes/train_tiny.py` with the same seed, data, model and steps; only how
 the image reaches the decoder differs. The last line of stdout is one JSON object with the three arms' scores.
 """
@@ -30,22 +30,26 @@ GRIDS = ("1x1", "2x1", "1x2", "2x2", "3x2", "2x3")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/ablation")
-    p.add_argument("--from-run", default="runs/tiny-nvlm", help="a train_tiny.py run: its data, base and stage 1")
-    p.add_argument("--stage2-steps", type=int, default=200)
+    p.add_argument("--from-run", default="runs/tiny-nvlm", help="a train_tiny.py run: its data, ViT and s1-s3")
+    p.add_argument("--s4-steps", type=int, default=1000)
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     a, rest = p.parse_known_args(argv)
     out = Path(a.out).resolve()
     src = Path(a.from_run).resolve()
-    if not (src / "stage1" / "final" / "config.json").exists():
-        p.error(f"{src} has no finished stage 1; run recipes/train_tiny.py --out {a.from_run} first")
+    shared = [c[0] for c in train_tiny.CURRICULUM[:-1]]
+    if not (src / shared[-1] / "final" / "config.json").exists():
+        p.error(f"{src} has no finished stage {shared[-1]}; run recipes/train_tiny.py --out {a.from_run} first")
+    steps = [json.loads((src / "scores.json").read_text())["stage_steps"][c] for c in shared] + [a.s4_steps]
     results = {}
     for arm in a.arms.split(","):
         if arm not in ARMS:
             p.error(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
-        for part in ("base", "stage0", "stage1"):
+        (out / arm).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / "vision_summary.json", out / arm / "vision_summary.json")
+        for part in ("vision", *shared):
             if not (out / arm / part).exists():
                 shutil.copytree(src / part, out / arm / part, ignore=shutil.ignore_patterns("checkpoints"))
-        args = ["--out", str(out / arm), "--data", str(src / "data"), "--stage2-steps", str(a.stage2_steps),
+        args = ["--out", str(out / arm), "--data", str(src / "data"), "--stage-steps", ",".join(map(str, steps)),
                 *ARMS[arm], *rest]
         print(f"== {arm}: python recipes/train_tiny.py {' '.join(args)}", file=sys.stderr)
         train_tiny.main(args)
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
         print(f"{arm:<16}{s['ocr']['accuracy']:>7.3f}"
               + "".join(f"{s.get('ocr/' + g, {}).get('accuracy', float('nan')):>9.3f}" for g in GRIDS)
               + f"{r['non_ocr_accuracy']:>9.3f}{r['train_minutes']:>10.1f}")
-    print(json.dumps({"from_run": a.from_run, "stage2_steps": a.stage2_steps, "arms": {
+    print(json.dumps({"from_run": a.from_run, "s4_steps": a.s4_steps, "arms": {
         arm: {"ocr": r["scores"]["ocr"]["accuracy"], "non_ocr": round(r["non_ocr_accuracy"], 4),
               "ocr_by_grid": {g: r["scores"][f"ocr/{g}"]["accuracy"] for g in GRIDS if f"ocr/{g}" in r["scores"]},
               "train_minutes": r["train_minutes"]} for arm, r in results.items()}}))

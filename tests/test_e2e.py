@@ -133,7 +133,12 @@ def test_reload_after_save_gives_identical_outputs(pipe, image_path, tmp_path):
     again = nvlm.load(tmp_path / "copy", device="cpu", dtype="float32")
     a = pipe.chat("Describe", image_path, max_new_tokens=6, logprobs=2)
     b = again.chat("Describe", image_path, max_new_tokens=6, logprobs=2)
-    assert a.output_token_ids == b.output_token_ids and a.logprobs == b.logprobs
+    assert a.output_token_ids == b.output_token_ids
+    # Same ids; logprobs equal to fp32 rounding (a GEMM's summation order may follow the weights' memory alignment,
+    # which differs between the memory-mapped original and the reloaded copy).
+    for pos_a, pos_b in zip(a.logprobs, b.logprobs, strict=True):
+        assert [t for t, _ in pos_a] == [t for t, _ in pos_b]
+        assert [lp for _, lp in pos_a] == pytest.approx([lp for _, lp in pos_b], abs=1e-5)
 
 
 def test_console_script_runs(ckpt, image_path):

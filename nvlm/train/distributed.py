@@ -56,8 +56,13 @@ def setup(device: str | None = None, timeout_s: float = 1800) -> DistEnv:
     return DistEnv(rank, world, local, dev)
 
 
-def teardown() -> None:
+def teardown(*, wait: bool = True) -> None:
+    """Leave the process group. `wait` (after a clean run): every rank arrives before any tears down, since a gloo
+    rank whose peer has already closed its connections can abort at exit ("terminate called without an active
+    exception", seen under CPU contention). After an error there is no waiting for peers that may never come."""
     if dist.is_available() and dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

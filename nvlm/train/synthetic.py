@@ -416,6 +416,7 @@ def write_dataset(
     max_texts: int = 2,
     text_scale: int = 1,
     train_grids: Sequence[tuple[int, int]] | None = None,
+    train_max_objects: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
@@ -427,7 +428,8 @@ def write_dataset(
     Records: {"id", "image", "conversations": [human "<image>\\n"+question, gpt answer], "type", "grid"}, where
     grid is the (cols, rows) that `nvlm.image.find_grid` picks at `tile_size` with `max_tiles`.
     `train_grids` restricts the training images to some of the grids (e.g. [(1, 1)] for an easy first stage) while
-    the held-out split stays the one of `max_tiles`, so datasets that differ only in it share test.jsonl.
+    the held-out split stays the one of `max_tiles`, so datasets that differ only in it share test.jsonl;
+    `train_max_objects` likewise caps the shapes per training image (a curriculum stage) and leaves the test split.
     """
     from ..image import find_grid
 
@@ -453,8 +455,13 @@ def write_dataset(
         train_grids = [tuple(g) for g in train_grids]
         if not train_grids or set(train_grids) - set(grids):
             raise ValueError(f"train_grids must be a non-empty subset of {grids}, got {train_grids}")
-        gen_train = dict(gen, grids=train_grids)
+        gen_train = dict(gen_train, grids=train_grids)
         params["train_grids"] = [list(g) for g in train_grids]
+    if train_max_objects is not None:
+        if not min_objects <= train_max_objects <= max_objects:
+            raise ValueError(f"train_max_objects must be in [{min_objects}, {max_objects}], got {train_max_objects}")
+        gen_train = dict(gen_train, max_objects=train_max_objects)
+        params["train_max_objects"] = train_max_objects
     generate_scene(random.Random(0), **gen)  # validate the parameters before touching the disk
 
     out = Path(out_dir)
@@ -580,6 +587,161 @@ def _progress(total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ dense labels
+
+CHAR_SLOTS = 3  # glyph centres per patch, by thirds of its width (at most one glyph centre per third: see below)
+# Label groups in the order their logits sit in a ViT's output channels (nvlm.train.vision_pretrain): class 0 of
+# colour/shape/chars is "nothing", centre is none/object/text; cell_x/cell_y are only defined where centre != 0.
+LABEL_GROUPS = (("colour", 1 + len(COLOURS)), ("shape", 1 + len(SHAPES)), ("centre", 3), ("cell_x", 3),
+                ("cell_y", 3), ("chars", CHAR_SLOTS * (1 + len(TEXT_CHARS))))
+IGNORE = -100
+MIN_COVER = 0.15  # an object labels a patch when it covers at least this share of the patch's pixels
+MIN_GLYPH_SCALE = 0.8  # glyphs are labelled only in views that shrink the text by less than this (so not in thumbnails)
+
+
+def tile_views(size: tuple[int, int], *, tile_size: int, max_tiles: int,
+               use_thumbnail: bool = True) -> list[tuple[float, float, int, int]]:
+    """For each tile `nvlm.image.preprocess` cuts (row-major, thumbnail last), the map from image pixels to the
+    tile's pixels as (sx, sy, ox, oy): x_tile = x * sx - ox, y_tile = y * sy - oy."""
+    from ..image import find_grid
+
+    w, h = size
+    cols, rows = find_grid(w, h, max_num=max_tiles, image_size=tile_size)
+    sx, sy = tile_size * cols / w, tile_size * rows / h
+    views = [(sx, sy, c * tile_size, r * tile_size) for r in range(rows) for c in range(cols)]
+    if use_thumbnail and cols * rows > 1:
+        views.append((tile_size / w, tile_size / h, 0, 0))
+    return views
+
+
+def _instance_map(scene: Scene) -> Image.Image:
+    """Mode-L image of the scene's size: pixel = 1 + index of the shape drawn there, 0 elsewhere."""
+    m = Image.new("L", scene.size, 0)
+    draw = ImageDraw.Draw(m)
+    for i, o in enumerate(scene.objects):
+        x0, y0, x1, y1 = object_box(scene, o)
+        if o.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=i + 1)
+        else:
+            draw.polygon(_polygon(o.shape, (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2), fill=i + 1)
+    return m
+
+
+def _empty_labels(n_views: int, n: int) -> dict:
+    import numpy as np
+
+    def full(fill: int):
+        return np.full((n_views, n, n), fill, dtype=np.int64)
+
+    return {"colour": full(0), "shape": full(0), "centre": full(0), "cell_x": full(IGNORE), "cell_y": full(IGNORE),
+            "chars": np.zeros((n_views, n, n, CHAR_SLOTS), dtype=np.int64)}
+
+
+def _label_glyphs(labels: dict, t: int, glyphs, view, tile_size: int, patch: int) -> None:
+    """Glyph centres (x, y, char) in image pixels -> chars[t, row, col, third of the patch]."""
+    sx, sy, ox, oy = view
+    n = tile_size // patch
+    for gx, gy, ch in glyphs:
+        x, y = gx * sx - ox, gy * sy - oy
+        if 0 <= x < n * patch and 0 <= y < n * patch:
+            i, j = int(y // patch), int(x // patch)
+            labels["chars"][t, i, j, min(CHAR_SLOTS - 1, int((x - j * patch) * CHAR_SLOTS / patch))] = \
+                TEXT_CHARS.index(ch) + 1
+
+
+def _glyph_centres(scene: Scene, text: Text) -> list[tuple[float, float, str]]:
+    x0, y0, _, _ = text_box(scene, text)
+    k = scene.text_scale
+    # The bitmap font's capitals and digits are inked in rows 1-8 of the 11-row line: centre 4.5.
+    return [(x0 + (i + 0.5) * GLYPH_W * k, y0 + 4.5 * k, ch) for i, ch in enumerate(text.text)]
+
+
+def patch_labels(scene: Scene, *, tile_size: int = 112, patch_size: int = 14, max_tiles: int = 6,
+                 use_thumbnail: bool = True) -> dict:
+    """Per-patch targets for every tile `nvlm.image.preprocess` makes of `render(scene)`: arrays (T, n, n) with
+    n = tile_size // patch_size (chars: (T, n, n, CHAR_SLOTS)).
+
+    - colour, shape: the object covering the most of the patch (at least MIN_COVER of its pixels), else 0.
+    - centre: 1 (object) or 2 (text) where the centre of an item's box falls in the patch, else 0; cell_x, cell_y:
+      that centre's column and row of a 3x3 grid over the *tile* (for a 1x1 image and for the thumbnail, the
+      scene's own cells, i.e. the position words), IGNORE elsewhere.
+    - chars: 1 + index in TEXT_CHARS of the glyph whose centre falls in each third of the patch (glyphs advance
+      GLYPH_W * text_scale >= 6 px, a third of a 14-px patch is 4.7 px, so two centres never share a third),
+      only in views that keep the text at MIN_GLYPH_SCALE or more (the full-resolution tiles, not the thumbnail).
+    """
+    import numpy as np
+
+    if tile_size % patch_size:
+        raise ValueError(f"tile_size {tile_size} is not a multiple of patch_size {patch_size}")
+    views = tile_views(scene.size, tile_size=tile_size, max_tiles=max_tiles, use_thumbnail=use_thumbnail)
+    n, p = tile_size // patch_size, patch_size
+    labels = _empty_labels(len(views), n)
+    inst = _instance_map(scene)
+    w, h = scene.size
+    colour_of = np.array([0] + [list(COLOURS).index(o.colour) + 1 for o in scene.objects])
+    shape_of = np.array([0] + [SHAPES.index(o.shape) + 1 for o in scene.objects])
+    items = ([(object_box(scene, o), 1) for o in scene.objects] + [(text_box(scene, t), 2) for t in scene.texts])
+    glyphs = [g for t in scene.texts for g in _glyph_centres(scene, t)]
+    for t, (sx, sy, ox, oy) in enumerate(views):
+        view = np.asarray(inst.resize((round(w * sx), round(h * sy)), Image.NEAREST))[oy:oy + tile_size,
+                                                                                         ox:ox + tile_size]
+        blocks = view.reshape(n, p, n, p).transpose(0, 2, 1, 3).reshape(n * n, p * p)
+        counts = np.stack([(blocks == k).sum(1) for k in range(1, len(scene.objects) + 1)], 1) \
+            if scene.objects else np.zeros((n * n, 0), dtype=np.int64)
+        best = counts.argmax(1) + 1 if scene.objects else np.zeros(n * n, dtype=np.int64)
+        covered = counts.max(1) >= MIN_COVER * p * p if scene.objects else np.zeros(n * n, dtype=bool)
+        labels["colour"][t] = np.where(covered, colour_of[best], 0).reshape(n, n)
+        labels["shape"][t] = np.where(covered, shape_of[best], 0).reshape(n, n)
+        for (x0, y0, x1, y1), kind in items:
+            cx, cy = (x0 + x1) / 2 * sx - ox, (y0 + y1) / 2 * sy - oy
+            if 0 <= cx < tile_size and 0 <= cy < tile_size:
+                i, j = int(cy // p), int(cx // p)
+                labels["centre"][t, i, j] = kind
+                labels["cell_x"][t, i, j] = int(cx * 3 / tile_size)
+                labels["cell_y"][t, i, j] = int(cy * 3 / tile_size)
+        if min(sx, sy) >= MIN_GLYPH_SCALE:
+            _label_glyphs(labels, t, glyphs, (sx, sy, ox, oy), tile_size, p)
+    return labels
+
+
+def text_page(rng: random.Random, *, tile_size: int = 112, patch_size: int = 14,
+              text_scale: int = 1) -> tuple[Image.Image, dict]:
+    """A one-tile page of random strings (2-4 characters) in lines, with its `patch_labels`-style targets.
+
+    Only chars is labelled (colour/shape 0: there are no shapes; centre and cells IGNORE: page strings are not
+    scene items). The page is drawn at 0.85-1.15x the tile and resized to it as a tile would be, so glyphs come at
+    the scales and sub-pixel phases the scene tiles show. Dense text gives a from-scratch ViT ~30 glyphs per tile
+    instead of ~1.
+    """
+    import numpy as np
+
+    k = text_scale
+    side = round(tile_size * rng.uniform(0.85, 1.15) / k)  # in font pixels
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
+    glyphs = []
+    y = rng.randint(0, 8)
+    while y + GLYPH_H <= side:
+        x = rng.randint(0, 10)
+        while True:
+            s = "".join(rng.choice(TEXT_CHARS) for _ in range(rng.randint(2, 4)))
+            if x + len(s) * GLYPH_W > side:
+                break
+            draw.text((x, y), s, font=_font(), fill=255)
+            glyphs += [((x + (i + 0.5) * GLYPH_W) * k, (y + 4.5) * k, ch) for i, ch in enumerate(s)]
+            x += len(s) * GLYPH_W + rng.randint(6, 30)
+        y += GLYPH_H + rng.randint(2, 16)
+    g = rng.randint(225, 255)
+    img = Image.new("RGB", (side * k, side * k), (g, g, g))
+    img.paste((rng.randint(0, 40),) * 3, (0, 0), mask.resize((side * k, side * k), Image.NEAREST))
+    n = tile_size // patch_size
+    labels = _empty_labels(1, n)
+    labels["centre"][:] = IGNORE
+    scale = tile_size / (side * k)
+    _label_glyphs(labels, 0, glyphs, (scale, scale, 0, 0), tile_size, patch_size)
+    return img.resize((tile_size, tile_size), Image.BICUBIC), labels
 
 
 # --------------------------------------------------------------------------------------------------- evaluation

@@ -411,6 +411,9 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> list[dict[str, A
     from .distributed import teardown
 
     try:
-        return Trainer(cfg, progress=progress).fit()
-    finally:
-        teardown()
+        history = Trainer(cfg, progress=progress).fit()
+    except BaseException:
+        teardown(wait=False)
+        raise
+    teardown()
+    return history

@@ -4,19 +4,12 @@ questions, so the image really reaches the decoder. Runs benchmarks/overfit_proo
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from scripts import load_script
 
 
 def _proof_module():
-    spec = importlib.util.spec_from_file_location("overfit_proof", REPO / "benchmarks" / "overfit_proof.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/overfit_proof.py")
 
 
 def test_derangement_moves_every_image():
