@@ -97,7 +97,8 @@ def tiny_model_config(vocab_size: int, *, max_tiles: int = 6):
 
 def _leaks(answer: str, context: str) -> bool:
     """Whether a word answer (colour, shape, position) can be copied from the conversation so far."""
-    return not answer.isdigit() and answer not in ("yes", "no") and re.search(rf"\b{re.escape(answer)}\b", context)
+    return (not answer.isdigit() and answer not in ("yes", "no")
+            and re.search(rf"\b{re.escape(answer)}\b", context) is not None)
 
 
 def group_turns(qa_path: Path, out_path: Path, types: Container[str] | None = None) -> int:

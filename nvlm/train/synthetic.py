@@ -229,6 +229,14 @@ def text_box(scene: Scene, text: Text) -> tuple[int, int, int, int]:
     return left, top, left + tw, top + th
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    else:
+        draw.polygon(_polygon(shape, (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2), fill=fill)
+
+
 def render(scene: Scene) -> Image.Image:
     """The scene as an RGB image of `scene.size`."""
     w, h = scene.size
@@ -236,12 +244,7 @@ def render(scene: Scene) -> Image.Image:
     big = Image.new("RGB", (w * k, h * k), scene.background)
     draw = ImageDraw.Draw(big)
     for o in scene.objects:
-        x0, y0, x1, y1 = (v * k for v in object_box(scene, o))
-        fill = COLOURS[o.colour]
-        if o.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        else:
-            draw.polygon(_polygon(o.shape, (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2), fill=fill)
+        _draw_shape(draw, o.shape, tuple(v * k for v in object_box(scene, o)), COLOURS[o.colour])
     img = big.reduce(k)  # box filter: anti-aliased edges, exact and deterministic
     for t in scene.texts:
         # Text is drawn at the final resolution: the bitmap font's 1-px strokes are the point.
@@ -524,65 +527,6 @@ def write_dataset(
     return meta
 
 
-def zoom_sample(rng: random.Random, *, tile_size: int = 112, zoom: tuple[float, float] = (1.2, 5.0),
-                text_prob: float = 0.5) -> tuple[Image.Image, list[tuple[str, str, str]]]:
-    """A close-up of one item of a random 1x1 scene and its questions: (image, [(qtype, question, answer)]).
-
-    The scene has one shape and, with `text_prob`, one text. The crop is centred on one of them, `zoom` x its size
-    (clipped to the image; the other item may show, which changes no answer), so the item fills much of the image:
-    the easy end of a curriculum (a from-scratch model reads a colour or a glyph that covers the image long before it
-    finds a 20-px shape among 16 image tokens). Shape crops
-    get colour, shape, count and existence questions, text crops the OCR question; no position questions.
-    """
-    scene = generate_scene(rng, tile_size=tile_size, grids=[(1, 1)], min_objects=1, max_objects=1,
-                           text_prob=text_prob, max_texts=1)
-    item = scene.texts[0] if scene.texts and rng.random() < 0.5 else scene.objects[0]
-    if isinstance(item, Text):
-        box = text_box(scene, item)
-        qa = [("ocr", "What text is written in the image?", item.text)]
-    else:
-        box = object_box(scene, item)
-        s, c = item.shape, item.colour
-        other = rng.choice([(c2, s2) for c2 in COLOURS for s2 in SHAPES if (c2, s2) != (c, s)])
-        qa = [("colour", f"What colour is the {s}?", c), ("shape", f"What shape is the {c} object?", s),
-              rng.choice([("count", "How many objects are there?", "1"),
-                          ("count", f"How many {rng.choice(SHAPES)}s are there?", None)]),
-              rng.choice([("exist", f"Is there {_a(c)} {s}?", "yes"),
-                          ("exist", f"Is there {_a(other[0])} {other[1]}?", "no")])]
-        qa = [(t, q, a if a is not None else str(int(q == f"How many {s}s are there?"))) for t, q, a in qa]
-        rng.shuffle(qa)
-    w, h = scene.size
-    x0, y0, x1, y1 = box
-    half = rng.uniform(*zoom) * max(x1 - x0, y1 - y0) / 2
-    mx, my = (x0 + x1) / 2, (y0 + y1) / 2
-    crop = (max(0, mx - half), max(0, my - half), min(w, mx + half), min(h, my + half))
-    crop = tuple(int(round(v)) for v in crop)
-    return render(scene).crop(crop), qa
-
-
-def write_zoom_dataset(out_dir: str | Path, *, n: int, seed: int = 0, tile_size: int = 112,
-                       zoom: tuple[float, float] = (1.2, 5.0), name: str = "zoom", progress: bool = False) -> int:
-    """`n` close-ups (`zoom_sample`) as multi-turn conversations in OUT/{name}.jsonl (images OUT/images/{name}-*.png);
-    the random stream is "nvlm-synth/{seed}/{name}", separate from the scene dataset's. Returns the record count."""
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"nvlm-synth/{seed}/{name}")
-    bar = _progress(n, name) if progress else None
-    with open(out / f"{name}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-        for i in range(n):
-            img, qa = zoom_sample(rng, tile_size=tile_size, zoom=zoom)
-            image = f"images/{name}-{i:06d}.png"
-            img.save(out / image, format="PNG")
-            conv = multi_turn((q, a) for _, q, a in qa)
-            f.write(json.dumps({"id": f"{name}-{i:06d}", "image": image, "conversations": conv,
-                                "type": "zoom", "types": [t for t, _, _ in qa]}) + "\n")
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    return n
-
-
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
@@ -598,6 +542,7 @@ LABEL_GROUPS = (("colour", 1 + len(COLOURS)), ("shape", 1 + len(SHAPES)), ("cent
                 ("cell_y", 3), ("chars", CHAR_SLOTS * (1 + len(TEXT_CHARS))))
 IGNORE = -100
 MIN_COVER = 0.15  # an object labels a patch when it covers at least this share of the patch's pixels
+GLYPH_INK_Y = 4.5  # vertical centre of a glyph's ink in its line: capitals and digits fill rows 1-8 of 11
 MIN_GLYPH_SCALE = 0.8  # glyphs are labelled only in views that shrink the text by less than this (so not in thumbnails)
 
 
@@ -621,11 +566,7 @@ def _instance_map(scene: Scene) -> Image.Image:
     m = Image.new("L", scene.size, 0)
     draw = ImageDraw.Draw(m)
     for i, o in enumerate(scene.objects):
-        x0, y0, x1, y1 = object_box(scene, o)
-        if o.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=i + 1)
-        else:
-            draw.polygon(_polygon(o.shape, (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2), fill=i + 1)
+        _draw_shape(draw, o.shape, object_box(scene, o), i + 1)
     return m
 
 
@@ -654,8 +595,7 @@ def _label_glyphs(labels: dict, t: int, glyphs, view, tile_size: int, patch: int
 def _glyph_centres(scene: Scene, text: Text) -> list[tuple[float, float, str]]:
     x0, y0, _, _ = text_box(scene, text)
     k = scene.text_scale
-    # The bitmap font's capitals and digits are inked in rows 1-8 of the 11-row line: centre 4.5.
-    return [(x0 + (i + 0.5) * GLYPH_W * k, y0 + 4.5 * k, ch) for i, ch in enumerate(text.text)]
+    return [(x0 + (i + 0.5) * GLYPH_W * k, y0 + GLYPH_INK_Y * k, ch) for i, ch in enumerate(text.text)]
 
 
 def patch_labels(scene: Scene, *, tile_size: int = 112, patch_size: int = 14, max_tiles: int = 6,
@@ -730,7 +670,7 @@ def text_page(rng: random.Random, *, tile_size: int = 112, patch_size: int = 14,
             if x + len(s) * GLYPH_W > side:
                 break
             draw.text((x, y), s, font=_font(), fill=255)
-            glyphs += [((x + (i + 0.5) * GLYPH_W) * k, (y + 4.5) * k, ch) for i, ch in enumerate(s)]
+            glyphs += [((x + (i + 0.5) * GLYPH_W) * k, (y + GLYPH_INK_Y) * k, ch) for i, ch in enumerate(s)]
             x += len(s) * GLYPH_W + rng.randint(6, 30)
         y += GLYPH_H + rng.randint(2, 16)
     g = rng.randint(225, 255)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..image import preprocess
 from . import synthetic
+from .trainer import param_groups
 
 
 def _slices() -> dict[str, tuple[int, int]]:
@@ -172,10 +173,7 @@ def pretrain_vision(model, *, steps: int = 1500, scenes_per_step: int = 16, page
         q.requires_grad_(False)
     for q in params:
         q.requires_grad_(True)
-    decay = [q for q in params if q.ndim >= 2]
-    no_decay = [q for q in params if q.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay,
-                             "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(param_groups(vit, weight_decay), lr=lr, betas=(0.9, 0.98))
 
     def lr_factor(step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, warmup_steps))
