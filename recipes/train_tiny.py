@@ -127,14 +127,23 @@ def group_turns(qa_path: Path, out_path: Path, types: Container[str] | None = No
     return len(by_image)
 
 
-def tokenizer_corpus(data: Path) -> list[str]:
-    """Prompts and answers of the training files without the texts to read (quoted strings, OCR answers)."""
-    from nvlm.prompt import tile_tags
+def tokenizer_corpus(data: Path, *, frame: bool = False) -> list[str]:
+    """Prompts and answers of the training files without the texts to read (quoted strings, OCR answers).
 
-    texts = ["Answer the questions.", "<Image>", "</Image>"] + tile_tags(7)
+    `frame`: also the chat frame (system prompt, role names, image and tile tags) once per conversation, the
+    frequency the model sees it, so that the BPE merges it (`assistant` one token instead of 9,
+    `<tile_global_thumbnail>` 4 instead of 17). Without it the frame's pieces occur once, below the BPE's minimum
+    frequency, and are spelt out character by character (the shipped model's tokenizer).
+    """
+    from nvlm.prompt import DEFAULT_SYSTEM, tile_tags
+
+    frame_texts = [f"system\n{DEFAULT_SYSTEM}", "user\n", "assistant\n", "<Image>", "</Image>\n", *tile_tags(7)]
+    texts = [] if frame else [DEFAULT_SYSTEM, "<Image>", "</Image>"] + tile_tags(7)
     for name in ("describe.jsonl", "train.jsonl"):
         for line in (data / name).read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
+            if frame:
+                texts += frame_texts
             for turn in rec["conversations"]:
                 if rec["type"] == "ocr" and turn["from"] == "gpt":
                     continue
@@ -194,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--ocr-weight", type=float, default=2.0, help="OCR question weight in the full dataset (others 1)")
     p.add_argument("--skip-types", default="", help="comma-separated question types the decoder stages do not train "
                    "on (e.g. ocr); the held-out split still asks them")
+    p.add_argument("--bpe-frame", action="store_true", help="the BPE also learns the chat frame (role names, tile "
+                   "tags): 1.5x faster decoder steps, same accuracy per step (the shipped model predates it)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=None, help="reuse this full synthetic dataset directory (default OUT/data)")
     p.add_argument("--install", action="store_true", help=f"copy the final model into {ASSET_DIR.relative_to(ROOT)}")
@@ -248,7 +259,7 @@ def main(argv=None) -> int:
     # 2-4. tokenizer, model, stage V (the ViT alone, dense labels), centring
     vision = out / "vision"
     if not (vision / "config.json").exists():
-        tok = train_bpe_tokenizer(tokenizer_corpus(data), vocab_size=512)
+        tok = train_bpe_tokenizer(tokenizer_corpus(data, frame=a.bpe_frame), vocab_size=512)
         cfg = tiny_model_config(-(-len(tok) // 32) * 32, max_tiles=a.max_tiles)
         model = random_model(cfg, seed=SEED)
         t = time.perf_counter()

@@ -43,3 +43,30 @@ def test_position_answers_match_whole_words_only():
     assert leaks("left", "Where is the red circle? bottom left")
     assert not leaks("left", "Where is the red circle? leftover")
     assert not leaks("2", "How many circles are there? 2")
+
+
+def test_tokenizer_corpus_frame_option_merges_the_prompt_frame_but_spells_texts_to_read(tmp_path):
+    from nvlm.prompt import encode_conversation
+    from nvlm.tokenizer import train_bpe_tokenizer
+
+    recs = [{**record(f"{i}.png", "What colour is the circle?", "red"), "type": "colour"} for i in range(20)]
+    recs += [{**record(f"t{i}.png", "What text is written at the top?", "QZX7"), "type": "ocr"} for i in range(20)]
+    recs += [{**record(f"p{i}.png", "Where is the text 'QZX7'?", "top"), "type": "position"} for i in range(20)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "describe.jsonl").write_text("")
+    recipe = load_recipe()
+    conv = [{"role": "user", "content": "<image>\nWhat colour is the circle?"}, {"role": "assistant", "content": "QZX7"}]
+    pieces = {}
+    for frame in (False, True):
+        corpus = recipe.tokenizer_corpus(tmp_path, frame=frame)
+        assert not any("QZX7" in t for t in corpus)  # neither the OCR answer nor the quoted text
+        tok = train_bpe_tokenizer(corpus, vocab_size=512)
+        enc = encode_conversation(tok, conv, num_tiles=[3], tokens_per_tile=4, add_generation_prompt=False)
+        pieces[frame] = [tok.decode([i]) for i in enc.input_ids if i != tok.vision_pad_id]
+        assert " circle" in pieces[frame]
+        assert tok.decode(tok.encode("héllo ✓")) == "héllo ✓"  # the byte alphabet keeps every string encodable
+    for whole in ("system", "user", "assistant", "_thumbnail"):
+        assert whole in pieces[True] and whole not in pieces[False], whole
+    a = pieces[True].index("assistant")
+    assert pieces[True][a + 2:a + 6] == ["Q", "Z", "X", "7"]  # texts to read: one character per token
+    assert len(pieces[True]) < len(pieces[False]) - 20
