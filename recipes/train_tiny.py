@@ -309,7 +309,8 @@ def main(argv=None) -> int:
     summary = {
         "params": n_params, "vision_steps": round(a.vision_steps * a.scale),
         "stage_steps": dict(zip((c[0] for c in CURRICULUM), steps)), "batch": a.batch, "lr": a.lr,
-        "text_scale": a.text_scale, "max_tiles": a.max_tiles, "tile_tags": tags, "skip_types": sorted(skip), "threads": torch.get_num_threads(),
+        "text_scale": a.text_scale, "max_tiles": a.max_tiles, "tile_tags": tags, "skip_types": sorted(skip),
+        "threads": torch.get_num_threads(),
         "final_loss": history, "vision": summary_v["final"],
         "minutes": {k: round(v / 60, 2) for k, v in times.items()}, "train_minutes": round(train_s / 60, 1),
         "non_ocr_accuracy": sum(r["accuracy"] * r["n"] for r in non_ocr) / max(1, sum(r["n"] for r in non_ocr)),

@@ -55,7 +55,8 @@ def test_tokenizer_corpus_frame_option_merges_the_prompt_frame_but_spells_texts_
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (tmp_path / "describe.jsonl").write_text("")
     recipe = load_recipe()
-    conv = [{"role": "user", "content": "<image>\nWhat colour is the circle?"}, {"role": "assistant", "content": "QZX7"}]
+    conv = [{"role": "user", "content": "<image>\nWhat colour is the circle?"},
+            {"role": "assistant", "content": "QZX7"}]
     pieces = {}
     for frame in (False, True):
         corpus = recipe.tokenizer_corpus(tmp_path, frame=frame)

@@ -628,10 +628,12 @@ def patch_labels(scene: Scene, *, tile_size: int = 112, patch_size: int = 14, ma
         view = np.asarray(inst.resize((round(w * sx), round(h * sy)), Image.NEAREST))[oy:oy + tile_size,
                                                                                          ox:ox + tile_size]
         blocks = view.reshape(n, p, n, p).transpose(0, 2, 1, 3).reshape(n * n, p * p)
-        counts = np.stack([(blocks == k).sum(1) for k in range(1, len(scene.objects) + 1)], 1) \
-            if scene.objects else np.zeros((n * n, 0), dtype=np.int64)
-        best = counts.argmax(1) + 1 if scene.objects else np.zeros(n * n, dtype=np.int64)
-        covered = counts.max(1) >= MIN_COVER * p * p if scene.objects else np.zeros(n * n, dtype=bool)
+        # Pixels of each shape per patch; column 0 stays 0, so a patch no shape touches has best = 0.
+        counts = np.zeros((n * n, 1 + len(scene.objects)), dtype=np.int64)
+        for k in range(1, counts.shape[1]):
+            counts[:, k] = (blocks == k).sum(1)
+        best = counts.argmax(1)  # the first of equally covering shapes
+        covered = counts.max(1) >= MIN_COVER * p * p
         labels["colour"][t] = np.where(covered, colour_of[best], 0).reshape(n, n)
         labels["shape"][t] = np.where(covered, shape_of[best], 0).reshape(n, n)
         for (x0, y0, x1, y1), kind in items:
