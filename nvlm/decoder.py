@@ -61,6 +61,9 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    # Training hook: called with the RoPE'd (q, k) of every forward when set (the auxiliary attention loss).
+    qk_hook = None
+
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -76,6 +79,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_hook is not None:
+            self.qk_hook(q, k)
         if cache is not None:
             k, v = cache.update(cache_pos, k, v)
         # Causal without a mask only when queries and keys line up (no cache prefix): SDPA's is_causal aligns the

@@ -49,6 +49,7 @@ class ProcessedImage:
     pixel_values: torch.Tensor  # (T, 3, S, S) float32, ImageNet-normalised; thumbnail last when T > 1
     grid: tuple[int, int]  # (cols, rows) of the tile grid; T = cols * rows (+ 1 thumbnail when that is > 1)
     num_tiles: int  # T, thumbnail included
+    size: tuple[int, int] = (0, 0)  # (width, height) of the source image
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -279,4 +280,5 @@ def preprocess(
     out[:n].reshape(rows, cols, 3, s, s)[...] = big.reshape(rows, s, cols, s, 3).transpose(0, 2, 4, 1, 3)
     if thumb:
         out[n] = np.asarray(img.resize((s, s))).transpose(2, 0, 1)
-    return ProcessedImage(pixel_values=_normalize_u8(out), grid=(cols, rows), num_tiles=n + thumb)
+    return ProcessedImage(pixel_values=_normalize_u8(out), grid=(cols, rows), num_tiles=n + thumb,
+                          size=(img.width, img.height))

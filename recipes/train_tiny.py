@@ -13,14 +13,17 @@ the projector (stage 1) and projector + LLM with the ViT frozen (stage 2). A fro
    questions whose answer an earlier turn already gives; `--skip-types` leaves some types out). All share
    the fixed held-out split `test.jsonl` (500 scenes on every grid), used only for scoring.
 2. Tokenizer: a byte-level BPE learned from the training prompts and answers with the random text strings removed
-   (so texts to read are always spelled one character per token), plus the Qwen2.5 added tokens.
+   (so texts to read are always spelled one character per token) and the chat frame, plus the Qwen2.5 added tokens.
 3. Model (`tiny_model_config`): the NVLM-D architecture (InternViT-style ViT, pixel shuffle 0.5, 2-layer MLP
-   projector, Qwen2 decoder), 112-px tiles with 14-px patches = 16 image tokens per tile, random initialisation.
+   projector, Qwen2 decoder), 112-px tiles with 14-px patches = 16 image tokens per tile, random initialisation
+   (decoder and projector at std 1/sqrt(256), `--decoder-std`).
 4. Stage V, the stand-in for InternViT's own pretraining (`vision_pretrain.pretrain_vision`): the ViT alone learns
    dense per-patch labels from the renderer (colour, shape, item centres and their cells, glyphs) in its own
    output channels, on scenes and pages of text; then its output is centred (`center_output`).
 5. Decoder stages, all with NVLM-D's stage-2 freezing (`sft`: the ViT frozen, LLM + projector learn; the paper's
-   stage 1, projector only, needs an LLM that already knows language): a curriculum over the datasets of 1.
+   stage 1, projector only, needs an LLM that already knows language): a curriculum over the datasets of 1, with
+   the auxiliary attention loss (`--attention-loss`): where one word of a question picks the shapes it is about,
+   head 0 of the first decoder layer learns to look from that word at those shapes' image tokens.
 6. Scores: greedy answers to every held-out question, exact match per question type and OCR per tile grid
    (`synthetic.evaluate`), written to OUT/scores.json and, with --install, next to the shipped model.
 
@@ -46,6 +49,10 @@ TILE = 112
 SEED = 0
 N_TEST = 500
 QUESTIONS_PER_IMAGE = 4
+# The auxiliary attention loss: head 0 of the first decoder layer, from a question's key word ("circle" in "What
+# colour is the circle?") to that shape's image tokens (README: without it the decoder reads *an* object, not *the*
+# object asked about; it works only together with a decoder init of std 1/sqrt(hidden) instead of 0.02).
+ATTENTION_LAYER, ATTENTION_HEAD = 0, 0
 
 STAGE_TOML = """\
 # nvlm train {toml}   (written by recipes/train_tiny.py)
@@ -78,7 +85,7 @@ weight_decay = 0.01
 warmup_steps = {warmup}
 max_steps = {steps}
 grad_clip = 1.0
-"""
+{attention}"""
 
 
 def tiny_model_config(vocab_size: int, *, max_tiles: int = 6):
@@ -116,14 +123,17 @@ def group_turns(qa_path: Path, out_path: Path, types: Container[str] | None = No
             by_image[rec["image"]].append(rec)
     with open(out_path, "w", encoding="utf-8") as f:
         for image, recs in by_image.items():
-            pairs, context = [], ""
+            pairs, context, attend = [], "", []
             for r in recs:
                 q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
                 if not pairs or not _leaks(a, context):
+                    attend += [{**e, "turn": len(pairs)} for e in r.get("attend", [])]
                     pairs.append((q, a))
                     context += f" {q} {a}"
-            conv = multi_turn(pairs)
-            f.write(json.dumps({"id": recs[0]["id"].rsplit("-", 1)[0], "image": image, "conversations": conv}) + "\n")
+            rec = {"id": recs[0]["id"].rsplit("-", 1)[0], "image": image, "conversations": multi_turn(pairs)}
+            if attend:
+                rec["attend"] = attend
+            f.write(json.dumps(rec) + "\n")
     return len(by_image)
 
 
@@ -153,13 +163,16 @@ def tokenizer_corpus(data: Path, *, frame: bool = False) -> list[str]:
 
 def stage_toml(out: Path, name: str, *, model: Path, sources: list[tuple[Path, float]], steps: int, lr: float,
                batch: int, micro: int, warmup: int, max_tiles: int, tile_tags: bool, dtype: str = "bfloat16",
-               export_dtype: str = "float32") -> Path:
+               export_dtype: str = "float32", attention_weight: float = 0.0) -> Path:
     src = "".join(f'\n[[data.sources]]\npath = "{p.as_posix()}"\nweight = {w}\n' for p, w in sources)
+    attention = (f"\n[attention_loss]\nweight = {attention_weight}\nlayer = {ATTENTION_LAYER}\nhead = {ATTENTION_HEAD}\n"
+                 if attention_weight else "")
     toml = out / f"{name}.toml"
     toml.write_text(STAGE_TOML.format(
         toml=toml.as_posix(), model=model.as_posix(), output_dir=(out / name).as_posix(), seed=SEED, batch=batch,
         micro=micro, save_every=max(50, steps // 10), max_tiles=max_tiles, tile_tags=str(tile_tags).lower(),
-        sources=src, lr=lr, min_lr=lr / 20, warmup=warmup, steps=steps, dtype=dtype, export_dtype=export_dtype))
+        sources=src, lr=lr, min_lr=lr / 20, warmup=warmup, steps=steps, dtype=dtype, export_dtype=export_dtype,
+        attention=attention))
     return toml
 
 
@@ -203,8 +216,13 @@ def main(argv=None) -> int:
     p.add_argument("--ocr-weight", type=float, default=2.0, help="OCR question weight in the full dataset (others 1)")
     p.add_argument("--skip-types", default="", help="comma-separated question types the decoder stages do not train "
                    "on (e.g. ocr); the held-out split still asks them")
-    p.add_argument("--bpe-frame", action="store_true", help="the BPE also learns the chat frame (role names, tile "
-                   "tags): 1.5x faster decoder steps, same accuracy per step (the shipped model predates it)")
+    p.add_argument("--bpe-frame", action=argparse.BooleanOptionalAction, default=True,
+                   help="the BPE also learns the chat frame (role names, tile tags): 1.5x faster decoder steps, same "
+                   "accuracy per step (default on)")
+    p.add_argument("--attention-loss", type=float, default=1.0, help="weight of the auxiliary attention loss "
+                   "(key word -> its shape's image tokens) in every decoder stage; 0 = off (default 1)")
+    p.add_argument("--decoder-std", type=float, default=0.0625, help="init std of the decoder and projector "
+                   "weights (default 1/sqrt(256); 0.02 was the earlier recipe's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=None, help="reuse this full synthetic dataset directory (default OUT/data)")
     p.add_argument("--install", action="store_true", help=f"copy the final model into {ASSET_DIR.relative_to(ROOT)}")
@@ -244,8 +262,12 @@ def main(argv=None) -> int:
         w = dict.fromkeys(QTYPES, 1.0) | {"ocr": a.ocr_weight} if weights is None else weights
         if not (d / "meta.json").exists():
             write_dataset(d, n_train=n_steps * a.batch, weights=w, train_grids=grids, train_max_objects=max_objects,
-                          kinds=("describe", "qa") if grids is None else ("qa",), **common)
+                          kinds=("describe", "qa") if grids is None else ("qa",), attend=a.attention_loss > 0,
+                          **common)
             made = True
+        if a.attention_loss and not json.loads((d / "meta.json").read_text())["params"].get("attend"):
+            p.error(f"{d} was written without `attend` entries, which --attention-loss needs; delete it (or "
+                    "pass --attention-loss 0)")
         # (next to the images: paths in the file are relative to it)
         turns = d / ("qa_multiturn.jsonl" if not skip else f"qa_multiturn-no-{'-'.join(sorted(skip))}.jsonl")
         if not turns.exists():
@@ -262,6 +284,9 @@ def main(argv=None) -> int:
         tok = train_bpe_tokenizer(tokenizer_corpus(data, frame=a.bpe_frame), vocab_size=512)
         cfg = tiny_model_config(-(-len(tok) // 32) * 32, max_tiles=a.max_tiles)
         model = random_model(cfg, seed=SEED)
+        init = random_model(cfg, seed=SEED, std=a.decoder_std)  # the ViT keeps std 0.02 (stage V trains it)
+        model.language_model.load_state_dict(init.language_model.state_dict())
+        model.mlp1.load_state_dict(init.mlp1.state_dict())
         t = time.perf_counter()
         hist = pretrain_vision(model, steps=round(a.vision_steps * a.scale), seed=SEED, text_scale=a.text_scale,
                                metrics_path=out / "vision_metrics.jsonl", progress=progress)
@@ -282,7 +307,8 @@ def main(argv=None) -> int:
             sources = [(datasets[name], 3.0), (datasets[CURRICULUM[-2][0]], 1.0)]
         toml = stage_toml(out, name, model=prev, sources=sources, steps=n_steps, lr=a.lr, batch=a.batch,
                           micro=a.micro, warmup=min(50, n_steps // 5), max_tiles=a.max_tiles, tile_tags=tags,
-                          export_dtype="bfloat16" if name == CURRICULUM[-1][0] else "float32")
+                          export_dtype="bfloat16" if name == CURRICULUM[-1][0] else "float32",
+                          attention_weight=a.attention_loss)
         if not (out / name / "final" / "config.json").exists():
             Trainer(load_config(toml), progress=progress).fit()
         # Time and loss from the metrics (also right when an earlier invocation did the training, or resumed).
@@ -310,6 +336,7 @@ def main(argv=None) -> int:
         "params": n_params, "vision_steps": round(a.vision_steps * a.scale),
         "stage_steps": dict(zip((c[0] for c in CURRICULUM), steps)), "batch": a.batch, "lr": a.lr,
         "text_scale": a.text_scale, "max_tiles": a.max_tiles, "tile_tags": tags, "skip_types": sorted(skip),
+        "bpe_frame": a.bpe_frame, "attention_loss": a.attention_loss, "decoder_std": a.decoder_std,
         "threads": torch.get_num_threads(),
         "final_loss": history, "vision": summary_v["final"],
         "minutes": {k: round(v / 60, 2) for k, v in times.items()}, "train_minutes": round(train_s / 60, 1),

@@ -38,6 +38,28 @@ def test_group_turns_drops_answers_the_conversation_already_gives(tmp_path):
     assert [t["value"] for t in convs[1]["conversations"]] == ["<image>\nWhat shape is the blue object?", "star"]
 
 
+def test_group_turns_moves_attend_entries_with_their_questions(tmp_path):
+    def att(word):
+        return [{"turn": 0, "word": word, "boxes": [[0, 0, 1, 1]]}]
+
+    recs = [
+        record("a.png", "What colour is the square?", "orange") | {"attend": att("square")},
+        record("a.png", "What shape is the orange object?", "square") | {"attend": att("orange")},  # dropped
+        record("a.png", "Is there a red circle?", "yes"),
+        record("a.png", "How many circles are there?", "1") | {"attend": att("circles")},
+        record("b.png", "Is there a red circle?", "no"),
+    ]
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    load_recipe().group_turns(src, tmp_path / "mt.jsonl")
+    a, b = [json.loads(line) for line in (tmp_path / "mt.jsonl").read_text().splitlines()]
+    assert [t["value"] for t in a["conversations"][::2]] == [
+        "<image>\nWhat colour is the square?", "Is there a red circle?", "How many circles are there?"]
+    assert a["attend"] == [{"turn": 0, "word": "square", "boxes": [[0, 0, 1, 1]]},
+                           {"turn": 2, "word": "circles", "boxes": [[0, 0, 1, 1]]}]
+    assert "attend" not in b
+
+
 def test_position_answers_match_whole_words_only():
     leaks = load_recipe()._leaks
     assert leaks("left", "Where is the red circle? bottom left")

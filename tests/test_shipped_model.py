@@ -21,7 +21,7 @@ from nvlm.train.synthetic import answer_questions, evaluate, read_jsonl, write_d
 
 ROOT = Path(__file__).resolve().parents[1]
 NON_OCR = ("colour", "shape", "count", "position", "exist")
-MIN_GAIN_OVER_MAJORITY = 0.05  # recorded: 31.1% vs 24.1% (README); a blind model scores at most the majority
+MIN_GAIN_OVER_MAJORITY = 0.05  # recorded: 53.2% vs 24.1% (README); a blind model scores at most the majority
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ Notable:
 - `--set` values are parsed as TOML values (`1e-5`, `true`, `[0.9, 0.95]`, `"text"`); anything that does not parse
   is taken as a bare string, so `--set output_dir=runs/x` works.
 - Unknown keys and wrong types are errors naming the dotted key (a typo must not silently train with a default).
-- A `[lora]` table switches LoRA on (`lora.enabled = false` switches it off again).
+- A `[lora]` table switches LoRA on (`lora.enabled = false` switches it off again); an `[attention_loss]` table
+  switches the auxiliary attention loss on (records' `attend` entries, see `nvlm.train.data`).
 - Relative paths are relative to the working directory the run is launched from (as the header command shows).
 """
 
@@ -103,6 +104,16 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class AttentionLossConfig:
+    """Auxiliary loss on one decoder attention head: from a question's key word to the image tokens of the boxes
+    its record names (`attend`), -log(attention mass on them), averaged over the entries of the global batch."""
+
+    weight: float = 1.0  # added to the per-token CE (both are means over the global batch)
+    layer: int = 0
+    head: int = 0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: str  # base checkpoint directory (official NVLM-D layout)
     output_dir: str
@@ -110,6 +121,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lora: LoraConfig | None = None
+    attention_loss: AttentionLossConfig | None = None
     global_batch_size: int = 128  # samples per optimizer step, all ranks together
     micro_batch_size: int = 1  # samples per forward pass per rank
     seed: int = 0
@@ -158,6 +170,13 @@ class TrainConfig:
                                    f"{self.data.max_len} (a sample must fit in a packed row)")
         if self.lora is not None and self.lora.r < 1:
             raise TrainConfigError(f"lora.r must be >= 1, got {self.lora.r}")
+        a = self.attention_loss
+        if a is not None:
+            if a.weight < 0 or a.layer < 0 or a.head < 0:
+                raise TrainConfigError(f"attention_loss: weight, layer and head must be >= 0, got {a}")
+            if self.activation_checkpointing:
+                raise TrainConfigError("attention_loss does not work with activation_checkpointing (the recomputed "
+                                       "forward would count the loss twice); switch one off")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,7 +235,12 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
         if key not in d:
             raise TrainConfigError(f"the config needs `{key}`")
     lora = d.pop("lora", None)
+    attn = d.pop("attention_loss", None)
     cfg = _build(TrainConfig, d, "")
+    if attn is not None:
+        if not isinstance(attn, dict):
+            raise TrainConfigError("`attention_loss` must be a table")
+        cfg = dataclasses.replace(cfg, attention_loss=_build(AttentionLossConfig, attn, "attention_loss."))
     if lora is not None:
         if not isinstance(lora, dict):
             raise TrainConfigError("`lora` must be a table")

@@ -14,6 +14,11 @@ Notable:
 - `Blend` is a pure function of (seed, draw number): the source of draw k comes from a seeded RNG block, the
   sample from a per-(source, epoch) permutation, so the state is a few counters and resume is exact. `unread`
   lets `batches` hand back the one sample that did not fit, which keeps packing exactly resumable too.
+- Optional `attend` entries (`[{"turn": k, "word": "circle", "boxes": [[x0, y0, x1, y1], ...], "image": 0}]`, boxes
+  in the image's pixels) name, for the k-th assistant answer, a key word of its question and where in the image
+  it is. The dataset turns each into (position of the word's first token in that question, positions of the image
+  tokens whose square the boxes overlap, in every tile and the thumbnail) for the trainer's auxiliary attention
+  loss; an entry whose word is not in its question is dropped with a warning (counted in `.attend_dropped`).
 - Bad data never raises: `ConversationDataset` returns None (counted by reason in `.skipped`, one warning per
   reason) and `Blend` skips it. With `Blend(workers=k)` samples are built in k threads (PIL and torch release the
   GIL for the heavy parts); the stream is the same as with no workers.
@@ -57,6 +62,7 @@ class Sample:
     labels: list[int]  # input_ids where supervised, else -100; not shifted
     pixel_values: torch.Tensor | None  # (T, 3, S, S) float32, all images of the sample in order
     num_tiles: list[int] = field(default_factory=list)  # tiles per image, thumbnail included
+    attend: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (query position, key positions)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -72,13 +78,14 @@ class Batch:
     num_samples: int
     num_tokens: int  # real (non-pad) tokens
     num_supervised: int  # tokens that carry loss: labels[:, 1:] != -100
+    attend: tuple[tuple[int, int, tuple[int, ...]], ...] = ()  # (row, query position, key positions)
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         def move(t):
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.mask),
-                     move(self.pixel_values), self.num_samples, self.num_tokens, self.num_supervised)
+                     move(self.pixel_values), self.num_samples, self.num_tokens, self.num_supervised, self.attend)
 
     @property
     def fill(self) -> float:
@@ -100,7 +107,7 @@ def _build(rows: Sequence[Sequence[Sample]], pad_id: int) -> Batch:
     # Segment id per position: the sample's index in its row; each pad gets its own negative id, so it
     # only "attends" to itself.
     segment = -1 - torch.arange(L).repeat(B, 1)
-    pixels = []
+    pixels, attend = [], []
     for r, row in enumerate(rows):
         a = 0
         for k, s in enumerate(row):
@@ -114,6 +121,7 @@ def _build(rows: Sequence[Sequence[Sample]], pad_id: int) -> Batch:
             segment[r, a:b] = k
             if s.pixel_values is not None:
                 pixels.append(s.pixel_values)
+            attend += [(r, a + q, tuple(a + k for k in keys)) for q, keys in s.attend]
             a = b
     plain = all(len(row) == 1 for row in rows) and all(sum(ns) == L for ns in lengths)
     mask = None
@@ -126,6 +134,7 @@ def _build(rows: Sequence[Sequence[Sample]], pad_id: int) -> Batch:
         num_samples=sum(len(row) for row in rows),
         num_tokens=sum(sum(ns) for ns in lengths),
         num_supervised=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        attend=tuple(attend),
     )
 
 
@@ -342,7 +351,69 @@ def normalize_record(rec: object, image_root: str | Path) -> dict:
         raise _Malformed("bad_images", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
     if images and not any(m["role"] == "user" for m in messages):
         raise _Malformed("bad_images", "images given but there is no user message")
-    return {"images": [_resolve(p, image_root) for p in images], "messages": messages}
+    out = {"images": [_resolve(p, image_root) for p in images], "messages": messages}
+    if "attend" in rec:
+        out["attend"] = _attend_entries(rec["attend"], len(images))
+    return out
+
+
+def _attend_entries(raw, n_images: int) -> list[dict]:
+    def bad(msg: str):
+        return _Malformed("bad_attend", f"attend: {msg}")
+
+    if not isinstance(raw, list):
+        raise bad(f"expected a list, got {type(raw).__name__}")
+    out = []
+    for i, e in enumerate(raw):
+        if not isinstance(e, dict) or set(e) - {"turn", "word", "boxes", "image"}:
+            raise bad(f"entry {i} must be an object with turn, word, boxes (and image), got {e!r}")
+        turn, word, boxes, image = e.get("turn"), e.get("word"), e.get("boxes"), e.get("image", 0)
+        if not isinstance(turn, int) or isinstance(turn, bool) or turn < 0:
+            raise bad(f"entry {i}: turn must be an int >= 0 (the answer's index), got {turn!r}")
+        if not isinstance(word, str) or not word.strip():
+            raise bad(f"entry {i}: word must be a non-empty string, got {word!r}")
+        if not isinstance(image, int) or not 0 <= image < n_images:
+            raise bad(f"entry {i}: image must index one of the record's {n_images} images, got {image!r}")
+        if not isinstance(boxes, list) or not boxes or not all(
+                isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+                and b[0] < b[2] and b[1] < b[3] for b in boxes):
+            raise bad(f"entry {i}: boxes must be a non-empty list of [x0, y0, x1, y1] with x0 < x1, y0 < y1")
+        out.append({"turn": turn, "word": word.strip(), "boxes": [[float(v) for v in b] for b in boxes],
+                    "image": image})
+    return out
+
+
+def box_tokens(boxes: Sequence[Sequence[float]], size: tuple[int, int], grid: tuple[int, int], num_tiles: int,
+               tokens_per_tile: int, *, min_overlap: float = 0.15) -> list[int]:
+    """Indices, within one image's `num_tiles * tokens_per_tile` image tokens, of the tokens whose square overlaps
+    one of `boxes` (image pixels) by more than `min_overlap` of a token side in both directions.
+
+    The layout is the tiler's: the `grid` (cols, rows) tiles row-major, then the thumbnail (the whole image) when
+    `num_tiles` is one more than the grid has; each tile's tokens row-major on a sqrt(tokens_per_tile) square.
+    """
+    g = math.isqrt(tokens_per_tile)
+    if g * g != tokens_per_tile:
+        raise ValueError(f"tokens_per_tile must be a square, got {tokens_per_tile}")
+    cols, rows = grid
+    w, h = size
+    views = [(c, r, cols, rows) for r in range(rows) for c in range(cols)]  # (tile col, row, image cols, rows)
+    if num_tiles == cols * rows + 1:
+        views.append((0, 0, 1, 1))
+    elif num_tiles != cols * rows:
+        raise ValueError(f"{num_tiles} tiles do not match a {cols}x{rows} grid (with or without a thumbnail)")
+    out = []
+    for t, (c, r, nc, nr) in enumerate(views):
+        for x0, y0, x1, y1 in boxes:  # the box in this view's token units
+            bx0, bx1 = x0 / w * nc * g - c * g, x1 / w * nc * g - c * g
+            by0, by1 = y0 / h * nr * g - r * g, y1 / h * nr * g - r * g
+            for i in range(g):
+                oy = min(by1, i + 1) - max(by0, i)
+                if oy <= min_overlap:
+                    continue
+                for j in range(g):
+                    if min(bx1, j + 1) - max(bx0, j) > min_overlap:
+                        out.append(t * tokens_per_tile + i * g + j)
+    return sorted(set(out))
 
 
 def _image_list(value) -> list[str]:
@@ -465,6 +536,7 @@ class ConversationDataset(Dataset):
         self.use_thumbnail = use_thumbnail
         self.tile_tags = tile_tags
         self.skipped: Counter = Counter()
+        self.attend_dropped = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -489,7 +561,7 @@ class ConversationDataset(Dataset):
             return self._skip("bad_record", where, f"not a normalised record ({exc!r})")
         if not has_answer:
             return self._skip("no_assistant", where, "no assistant turn, so nothing to learn")
-        pixels, tiles = [], []
+        pixels, tiles, layouts = [], [], []
         for p in paths:
             try:
                 im = preprocess(p, max_tiles=self.max_tiles, image_size=self.image_size,
@@ -498,6 +570,7 @@ class ConversationDataset(Dataset):
                 return self._skip("bad_image", where, str(exc))
             pixels.append(im.pixel_values)
             tiles.append(im.num_tiles)
+            layouts.append((im.size, im.grid))
         try:
             enc = encode_conversation(self.tokenizer, messages, num_tiles=tiles, tokens_per_tile=self.tokens_per_tile,
                                       system=self.system, add_generation_prompt=False, tile_tags=self.tile_tags)
@@ -506,8 +579,43 @@ class ConversationDataset(Dataset):
         if len(enc.input_ids) > self.max_len:
             return self._skip("too_long", where, f"{len(enc.input_ids)} tokens > max_len={self.max_len}")
         labels = [t if sup else IGNORE_INDEX for t, sup in zip(enc.input_ids, enc.supervised)]
+        attend = self._attend(rec.get("attend") or [], enc, tiles, layouts, where)
         return Sample(input_ids=enc.input_ids, labels=labels, pixel_values=torch.cat(pixels) if pixels else None,
-                      num_tiles=tiles)
+                      num_tiles=tiles, attend=attend)
+
+    def _attend(self, entries: list[dict], enc, tiles: list[int], layouts: list, where: str) -> list:
+        if not entries:
+            return []
+        ids, sup = enc.input_ids, enc.supervised
+        runs = [i for i in range(len(sup)) if sup[i] and (i == 0 or not sup[i - 1])]  # answer starts
+        ends = [i for i in range(len(sup)) if sup[i] and (i + 1 == len(sup) or not sup[i + 1])]
+        pads = [i for i, t in enumerate(ids) if t == self.tokenizer.vision_pad_id]
+        starts = np.cumsum([0] + [n * self.tokens_per_tile for n in tiles]).tolist()
+        out = []
+        for e in entries:
+            k = e["turn"]
+            q = None
+            if k < len(runs):
+                lo, hi = (ends[k - 1] + 1 if k else 0), runs[k]
+                word = self.tokenizer.encode(" " + e["word"])
+                for i in range(hi - len(word), lo - 1, -1):
+                    if ids[i:i + len(word)] == word:
+                        q = i
+                        break
+            if q is None:
+                with self._lock:
+                    self.attend_dropped += 1
+                    first = self.attend_dropped == 1
+                if first:
+                    log.warning("%s: attend word %r not found in the question of answer %d; entry dropped (later "
+                                "ones are only counted)", where, e["word"], k)
+                continue
+            m = e["image"]
+            size, grid = layouts[m]
+            keys = box_tokens(e["boxes"], size, grid, tiles[m], self.tokens_per_tile)
+            if keys:
+                out.append((q, tuple(pads[starts[m] + t] for t in keys)))
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------- blend

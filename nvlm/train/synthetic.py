@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import random
+import re
 import shutil
 import sys
 from collections import Counter
@@ -370,6 +371,24 @@ def questions(scene: Scene, rng: random.Random, n: int = 1,
     return out
 
 
+def attend_entry(scene: Scene, question: str) -> dict | None:
+    """Where a question's key word points in the image, for the trainer's attention loss (`nvlm.train.data`):
+    `{"turn": 0, "word", "boxes"}` for "What colour is the <shape>?" and "What shape is the <colour> object?" (one
+    such shape), "How many <shape>s / <colour> objects are there?" (at least one); None for the other questions
+    (their key is two words, or a position, or not an object)."""
+    m = (re.fullmatch(r"What colour is the (\w+)\?", question) or re.fullmatch(r"How many (\w+)s are there\?", question)
+         or re.fullmatch(r"What shape is the (\w+) object\?", question)
+         or re.fullmatch(r"How many (\w+) objects are there\?", question))
+    if m is None:
+        return None
+    key = m[1]
+    objs = [o for o in scene.objects if key in (o.shape, o.colour)]
+    if not objs or (question.startswith("What") and len(objs) != 1):
+        return None
+    word = key + "s" if question.startswith("How many") and key in SHAPES else key
+    return {"turn": 0, "word": word, "boxes": [[round(v, 2) for v in object_box(scene, o)] for o in objs]}
+
+
 def describe(scene: Scene) -> str:
     """Every shape then every text, in reading order (by cell): the dense first-stage target."""
     objs = sorted(scene.objects, key=lambda o: (o.cell[1], o.cell[0]))
@@ -393,10 +412,14 @@ def multi_turn(pairs: Iterable[tuple[str, str]]) -> list[dict]:
     return conv
 
 
-def _record(rid: str, image: str, question: str, answer: str, qtype: str, grid: tuple[int, int]) -> dict:
-    return {"id": rid, "image": image,
-            "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}],
-            "type": qtype, "grid": list(grid)}
+def _record(rid: str, image: str, question: str, answer: str, qtype: str, grid: tuple[int, int],
+            attend: dict | None = None) -> dict:
+    rec = {"id": rid, "image": image,
+           "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}],
+           "type": qtype, "grid": list(grid)}
+    if attend is not None:
+        rec["attend"] = [attend]
+    return rec
 
 
 OUTPUTS = ("describe.jsonl", "describe_test.jsonl", "train.jsonl", "test.jsonl", "meta.json")
@@ -420,6 +443,7 @@ def write_dataset(
     text_scale: int = 1,
     train_grids: Sequence[tuple[int, int]] | None = None,
     train_max_objects: int | None = None,
+    attend: bool = False,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
@@ -433,6 +457,7 @@ def write_dataset(
     `train_grids` restricts the training images to some of the grids (e.g. [(1, 1)] for an easy first stage) while
     the held-out split stays the one of `max_tiles`, so datasets that differ only in it share test.jsonl;
     `train_max_objects` likewise caps the shapes per training image (a curriculum stage) and leaves the test split.
+    `attend`: training QA records also get `attend` (`attend_entry`) where the question has one key word.
     """
     from ..image import find_grid
 
@@ -451,6 +476,8 @@ def write_dataset(
                   questions_per_image=questions_per_image, weights=weights, max_tiles=max_tiles,
                   min_objects=min_objects, max_objects=max_objects, text_prob=text_prob, max_texts=max_texts,
                   text_scale=text_scale, grids=[list(g) for g in grids])
+    if attend:
+        params["attend"] = True
     gen = dict(tile_size=tile_size, grids=grids, min_objects=min_objects, max_objects=max_objects,
                text_prob=text_prob, max_texts=max_texts, text_scale=text_scale)
     gen_train = gen
@@ -508,7 +535,8 @@ def write_dataset(
                 if "qa" in kinds:
                     f = handles[f"{split}.jsonl"]
                     for k, (t, q, a) in enumerate(questions(scene, rng, questions_per_image, weights)):
-                        f.write(json.dumps(_record(f"{name}-{k}", image, q, a, t, grid)) + "\n")
+                        att = attend_entry(scene, q) if attend and split == "train" else None
+                        f.write(json.dumps(_record(f"{name}-{k}", image, q, a, t, grid, att)) + "\n")
                         counts[split][t] += 1
                 counts[split][f"grid {grid[0]}x{grid[1]}"] += 1
                 i += 1
@@ -785,7 +813,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
         questions_per_image=args.questions_per_image, weights=_parse_weights(args.weights),
         max_tiles=args.max_tiles, max_objects=args.max_objects, text_prob=args.text_prob,
-        text_scale=args.text_scale, overwrite=args.overwrite, progress=sys.stderr.isatty(),
+        text_scale=args.text_scale, attend=args.attend, overwrite=args.overwrite, progress=sys.stderr.isatty(),
     )
     if args.json:
         print(json.dumps(meta))
@@ -820,6 +848,8 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--text-scale", type=int, default=1, metavar="K",
                    help="integer upscale of the 6x11 px bitmap font (default 1; larger text stays legible in "
                    "the thumbnail)")
+    p.add_argument("--attend", action="store_true", help="give training QA records `attend` entries (key word -> "
+                   "boxes) for the trainer's attention_loss")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT_DIR")
     p.add_argument("--json", action="store_true", help="print meta.json as one JSON line")
     p.set_defaults(func=cmd_synth)

@@ -9,6 +9,9 @@ Notable:
   (one all-reduce), then every micro-batch backpropagates `sum CE / global count`. The gradient is therefore the
   same for any micro-batch split and any number of ranks (FSDP2 averages over ranks, so the loss is also multiplied
   by the world size).
+- Optional auxiliary attention loss (`[attention_loss]`, records' `attend` entries): the chosen layer's attention
+  hands its RoPE'd q and k to `attention_mass_loss` through `Attention.qk_hook` during the normal forward, and
+  `weight` x the mean over the global batch's entries of -log(the head's mass on the entry's keys) joins the loss.
 - Data: each step takes `global_batch_size` samples from the deterministic blend; rank r builds only the global
   draws r, r+W, ... (so 2 ranks x micro-batch m see exactly what 1 rank x 2m sees), cut into micro-batches of
   `micro_batch_size` samples, padded (`collate`) or packed into rows of at most `max_tokens` (`pack`, one forward
@@ -39,7 +42,7 @@ from torch import nn
 
 from ..model import NVLM
 from .checkpoint import latest_checkpoint, list_checkpoints, load_training_state, save_training_state
-from .config import OptimizerConfig, TrainConfig
+from .config import OptimizerConfig, TrainConfig, TrainConfigError
 from .distributed import DistEnv, all_reduce, barrier, setup, shard_model
 from .lora import apply_lora, is_lora_param, merge_lora
 
@@ -122,11 +125,29 @@ class TrainStep(nn.Module):
     reduce-scatters).
     """
 
-    def __init__(self, model: NVLM):
+    def __init__(self, model: NVLM, attention_loss=None):
         super().__init__()
         self.model = model
+        self.attention_loss = attention_loss  # AttentionLossConfig or None
+        self.last_attention_sum = None  # summed auxiliary attention loss of the last forward (detached)
 
-    def forward(self, input_ids, labels, pixel_values=None, position_ids=None, mask=None, vision_dummy: bool = False):
+    def forward(self, input_ids, labels, pixel_values=None, position_ids=None, mask=None, vision_dummy: bool = False,
+                attend=(), attention_scale: float = 0.0):
+        """Summed CE, plus `attention_scale` x the summed attention loss of `attend` (Batch.attend) when set."""
+        if not (attend and attention_scale and self.attention_loss is not None):
+            return self._ce(input_ids, labels, pixel_values, position_ids, mask, vision_dummy)
+        a = self.attention_loss
+        att = self.model.language_model.model.layers[a.layer].self_attn
+        parts = []
+        att.qk_hook = lambda q, k: parts.append(attention_mass_loss(q, k, mask, attend, a.head))
+        try:
+            ce = self._ce(input_ids, labels, pixel_values, position_ids, mask, vision_dummy)
+        finally:
+            att.qk_hook = None
+        self.last_attention_sum = parts[0].detach()
+        return ce + attention_scale * parts[0]
+
+    def _ce(self, input_ids, labels, pixel_values, position_ids, mask, vision_dummy):
         m = self.model
         if pixel_values is not None:
             embeds = m.embed(input_ids, m.extract_features(pixel_values))
@@ -140,6 +161,34 @@ class TrainStep(nn.Module):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         logits = m.language_model(embeds, position_ids, mask)
         return m.loss(logits, labels)
+
+
+def attention_mass_loss(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, attend, head: int) -> torch.Tensor:
+    """sum over `attend` entries (row, query position, key positions) of -log(attention mass of `head` on the keys).
+
+    q (B, H, L, hd) and k (B, Hkv, L, hd) as the attention layer computes them (RoPE applied); the softmax is over
+    the keys the query may attend to (causal, and `mask`'s packed-sample blocks).
+    """
+    with torch.autocast(q.device.type, enabled=False):  # fp32 scores, as the softmax of SDPA
+        return _attention_mass_loss(q.float(), k.float(), mask, attend, head)
+
+
+def _attention_mass_loss(q, k, mask, attend, head):
+    rows = torch.tensor([r for r, _, _ in attend], device=q.device)
+    qpos = torch.tensor([p for _, p, _ in attend], device=q.device)
+    L, hd = k.shape[2], q.shape[-1]
+    kv = head // (q.shape[1] // k.shape[1])
+    scores = torch.einsum("ed,eld->el", q[rows, head, qpos], k[rows, kv]) * hd ** -0.5
+    allowed = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]
+    if mask is not None:
+        allowed = allowed & mask[rows, 0, qpos]
+    target = torch.zeros_like(allowed)
+    for e, (_, p, keys) in enumerate(attend):
+        if max(keys) > p:
+            raise ValueError(f"attend entry {e}: key positions {max(keys)} after the query position {p}")
+        target[e, list(keys)] = True
+    logp = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+    return -torch.logsumexp(logp.masked_fill(~(target & allowed), float("-inf")), -1).sum()
 
 
 def build_stream(cfg: TrainConfig, tokenizer, model_config, *, rank: int = 0, world_size: int = 1):
@@ -195,7 +244,12 @@ class Trainer:
             checkpoint_layers(model.language_model.model.layers)
         model.train()
         self.model = model
-        self.root = TrainStep(model)
+        if cfg.attention_loss is not None:
+            lc, a = model.config.llm_config, cfg.attention_loss
+            if a.layer >= lc.num_hidden_layers or a.head >= lc.num_attention_heads:
+                raise TrainConfigError(f"attention_loss: layer {a.layer} / head {a.head} outside the decoder's "
+                                       f"{lc.num_hidden_layers} layers / {lc.num_attention_heads} heads")
+        self.root = TrainStep(model, cfg.attention_loss)
         if self.env.distributed:
             shard_model(self.root, self.env, vision_layers=model.vision_model.encoder.layers,
                         decoder_layers=model.language_model.model.layers)
@@ -269,9 +323,11 @@ class Trainer:
         has_img = all_reduce(has_img, self.env, "max").tolist()
         counts = torch.tensor([sum(u.num_supervised for u in units),
                                sum(int(u.num_tokens) for u in units[:real]),
-                               sum(u.input_ids.numel() for u in units[:real])], dtype=torch.int64, device=dev)
-        sup, tokens, padded = all_reduce(counts, self.env, "sum").tolist()
-        return units, [bool(f) for f in has_img], {"supervised": sup, "tokens": tokens, "padded": padded}
+                               sum(u.input_ids.numel() for u in units[:real]),
+                               sum(len(u.attend) for u in units)], dtype=torch.int64, device=dev)
+        sup, tokens, padded, attend = all_reduce(counts, self.env, "sum").tolist()
+        return units, [bool(f) for f in has_img], {"supervised": sup, "tokens": tokens, "padded": padded,
+                                                    "attend": attend}
 
     # ---- one optimizer step --------------------------------------------------------------------------------------
     def accumulate(self) -> dict[str, Any]:
@@ -280,17 +336,32 @@ class Trainer:
         sup = counts["supervised"]
         # per-token mean over the global batch; x world size because FSDP2 averages gradients over ranks
         scale = self.env.world_size / sup if sup else 0.0
+        # the attention loss, a mean over its entries, rides on the CE sum: x sup / entries, then / sup with it
+        a = self.cfg.attention_loss
+        n_att = counts["attend"]
+        att_scale = a.weight * sup / n_att if a is not None and n_att and sup else 0.0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        att_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for unit, img in zip(units, has_img):
             b = unit.to(self.env.device)
+            self.root.last_attention_sum = None
             with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = self.root(b.input_ids, b.labels, b.pixel_values, b.position_ids, b.mask,
-                                 vision_dummy=img and b.pixel_values is None)
+                                 vision_dummy=img and b.pixel_values is None, attend=b.attend,
+                                 attention_scale=att_scale)
             if loss.requires_grad:  # False only when no trainable weight is reached (pretrain, text only)
                 (loss * scale).backward()
+            part = self.root.last_attention_sum
+            if part is not None:
+                att_sum += part.double()
+                loss = loss.detach() - att_scale * part
             loss_sum += loss.detach().double()
         loss_sum = all_reduce(loss_sum, self.env, "sum")
-        return {**counts, "loss": loss_sum.item() / sup if sup else float("nan")}
+        out = {**counts, "loss": loss_sum.item() / sup if sup else float("nan")}
+        if a is not None:
+            att_sum = all_reduce(att_sum, self.env, "sum")
+            out["attention_loss"] = att_sum.item() / n_att if n_att else float("nan")
+        return out
 
     def step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics (the line metrics.jsonl gets)."""
@@ -314,7 +385,9 @@ class Trainer:
                 "padded_tokens": counts["padded"],
                 "efficiency": counts["tokens"] / counts["padded"] if counts["padded"] else 0.0,
                 "tokens_per_s": counts["tokens"] / dt, "samples": self.cfg.global_batch_size,
-                "step_time_s": dt}
+                "step_time_s": dt,
+                **({"attention_loss": counts["attention_loss"], "attention_entries": counts["attend"]}
+                   if "attention_loss" in counts else {})}
 
     # ---- the run -------------------------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:

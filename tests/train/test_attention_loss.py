@@ -1,0 +1,225 @@
+"""The auxiliary attention loss: `attend` entries in records -> (query, key) positions -> -log(attention mass).
+
+Expected positions are written out by hand with the byte tokenizer (id b = byte b, <|vision_pad|> 267); the loss is
+checked against an explicit softmax over the same q and k, and against training (the supervised head's mass on its
+targets has to rise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nvlm.config import preset
+from nvlm.tokenizer import build_byte_tokenizer
+from nvlm.train.config import TrainConfigError, from_dict
+from nvlm.train.data import ConversationDataset, Sample, box_tokens, collate, pack, read_records
+from nvlm.train.synthetic import Obj, Scene, attend_entry, object_box
+from nvlm.train.trainer import TrainStep, attention_mass_loss
+from nvlm.weights import random_model
+
+S, E, NL, PAD = 257, 258, 10, 267
+
+
+def B(text: str) -> list[int]:
+    return list(text.encode())
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def square(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "square.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ geometry
+
+
+def test_box_tokens_one_tile():
+    # 112-px tile, 4x4 tokens of 28 px: a box on token (row 1, col 2) exactly
+    assert box_tokens([[56, 28, 84, 56]], (112, 112), (1, 1), 1, 16) == [6]
+    # 4 px into the next token is 1/7 of a token side, under the 0.15 threshold; 5 px is over it
+    assert box_tokens([[0, 0, 32, 28]], (112, 112), (1, 1), 1, 16) == [0]
+    assert box_tokens([[0, 0, 33, 28]], (112, 112), (1, 1), 1, 16) == [0, 1]
+    # the image's own pixels, not the tile's: a 224x224 image on one tile halves the box
+    assert box_tokens([[112, 56, 168, 112]], (224, 224), (1, 1), 1, 16) == [6]
+    # two boxes, union
+    assert box_tokens([[0, 0, 28, 28], [84, 84, 112, 112]], (112, 112), (1, 1), 1, 16) == [0, 15]
+
+
+def test_box_tokens_tiles_and_thumbnail():
+    # 224x112 on a 2x1 grid + thumbnail: the top half of the left tile, and the top-left quarter of the thumbnail
+    assert box_tokens([[0, 0, 112, 56]], (224, 112), (2, 1), 3, 16) == [0, 1, 2, 3, 4, 5, 6, 7, 32, 33, 36, 37]
+    # a box across the tile border: the right column of tile 1, the left column of tile 2, two thumbnail tokens
+    assert box_tokens([[84, 0, 140, 28]], (224, 112), (2, 1), 3, 16) == [3, 16, 33, 34]
+    with pytest.raises(ValueError, match="do not match a 2x1 grid"):
+        box_tokens([[0, 0, 1, 1]], (224, 112), (2, 1), 5, 16)
+    with pytest.raises(ValueError, match="square"):
+        box_tokens([[0, 0, 1, 1]], (112, 112), (1, 1), 1, 8)
+
+
+# --------------------------------------------------------------------------------------------------------- data
+
+
+def test_dataset_turns_entries_into_positions(tok, square, caplog):
+    rec = {"images": [str(square)], "source": "rec",
+           "messages": [{"role": "user", "content": "<image>\nIs the red one big?"}, {"role": "assistant", "content": "no"},
+                        {"role": "user", "content": "And the red one?"}, {"role": "assistant", "content": "yes"}],
+           "attend": [{"turn": 1, "word": "red", "boxes": [[28, 28, 56, 56]], "image": 0},  # token (1, 1) of 2x2
+                      {"turn": 0, "word": "red", "boxes": [[0, 0, 28, 56]], "image": 0},  # tokens (0, 0), (1, 0)
+                      {"turn": 0, "word": "green", "boxes": [[0, 0, 28, 28]], "image": 0}]}  # not in the question
+    ds = ConversationDataset([rec], tok, tokens_per_tile=4, image_size=56, system=None)
+    with caplog.at_level(logging.WARNING, logger="nvlm.train.data"):
+        s = ds[0]
+    image_block = [*B("<tile_global_thumbnail>"), PAD, PAD, PAD, PAD]
+    first = [S, *B("user\n<Image>"), *image_block, *B("</Image>\nIs the red one big?"), E, NL,
+             S, *B("assistant\nno"), E, NL]
+    assert s.input_ids == first + [S, *B("user\nAnd the red one?"), E, NL, S, *B("assistant\nyes"), E, NL]
+    pad0 = 1 + len("user\n<Image>") + len("<tile_global_thumbnail>")  # the first image token
+    q0 = pad0 + 4 + len("</Image>\nIs the")  # the space of " red"
+    q1 = len(first) + 1 + len("user\nAnd the")
+    assert s.input_ids[q0:q0 + 4] == B(" red") and s.input_ids[q1:q1 + 4] == B(" red")
+    assert s.attend == [(q1, (pad0 + 3,)), (q0, (pad0, pad0 + 2))]
+    assert ds.attend_dropped == 1 and "'green' not found" in caplog.text
+
+
+def test_malformed_attend_skips_the_record(tmp_path, square):
+    good = {"image": str(square), "conversations": [{"from": "human", "value": "<image>\nred?"},
+                                                    {"from": "gpt", "value": "yes"}]}
+    bad = [{"turn": -1, "word": "red", "boxes": [[0, 0, 1, 1]]}, {"turn": 0, "word": "", "boxes": [[0, 0, 1, 1]]},
+           {"turn": 0, "word": "red", "boxes": [[5, 0, 1, 1]]}, {"turn": 0, "word": "red", "boxes": [[0, 0, 1, 1]],
+                                                                 "image": 1}, "red"]
+    lines = [{**good, "attend": [e]} for e in bad] + [{**good, "attend": [{"turn": 0, "word": "red",
+                                                                            "boxes": [[0, 0, 1, 1]]}]}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    recs = read_records(path)
+    assert len(recs) == 1 and recs.skipped == {"bad_attend": 5}
+    assert recs[0]["attend"] == [{"turn": 0, "word": "red", "boxes": [[0.0, 0.0, 1.0, 1.0]], "image": 0}]
+
+
+def test_packing_offsets_attend_positions():
+    a = Sample([1, 2, 3, 4], [-100, -100, 3, 4], None, attend=[(2, (0, 1))])
+    b = Sample([5, 6, 7], [-100, 6, 7], None, attend=[(1, (0,)), (2, (0, 1))])
+    (row,) = pack([a, b], max_tokens=16, pad_id=0)
+    assert row.attend == ((0, 2, (0, 1)), (0, 5, (4,)), (0, 6, (4, 5)))
+    assert collate([a, b], pad_id=0).attend == ((0, 2, (0, 1)), (1, 1, (0,)), (1, 2, (0, 1)))
+    assert row.to("cpu").attend == row.attend
+
+
+# --------------------------------------------------------------------------------------------------------- loss
+
+
+def test_attention_mass_loss_equals_an_explicit_softmax():
+    g = torch.Generator().manual_seed(0)
+    Bn, H, Hkv, L, hd = 2, 4, 2, 9, 8
+    q, k = torch.randn(Bn, H, L, hd, generator=g), torch.randn(Bn, Hkv, L, hd, generator=g)
+    seg = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])  # row 0 packs two samples
+    mask = ((seg[:, :, None] == seg[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()).unsqueeze(1)
+    attend = [(0, 3, (0, 2)), (0, 7, (4, 5)), (1, 8, (1, 6, 7))]
+    for head in (0, 3):
+        want = 0.0
+        for r, p, keys in attend:
+            start = 4 if (r, p) == (0, 7) else 0  # the query's own sample
+            kv = head // 2
+            dots = [float(q[r, head, p] @ k[r, kv, j]) / math.sqrt(hd) for j in range(start, p + 1)]
+            z = sum(math.exp(d) for d in dots)
+            want -= math.log(sum(math.exp(dots[j - start]) for j in keys) / z)
+        got = attention_mass_loss(q, k, mask, attend, head)
+        assert got.item() == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="after the query"):
+        attention_mass_loss(q, k, mask, [(0, 2, (3,))], 0)
+
+
+def test_attention_loss_trains_the_head_and_leaves_ce_alone(tok):
+    cfg = preset("tiny", vocab_size=300)
+    torch.manual_seed(0)
+    model = random_model(cfg, seed=0).train()
+    model.image_token_id = tok.vision_pad_id
+    a = from_dict({"model": "m", "output_dir": "o", "data": {"sources": [{"path": "x"}]},
+                   "attention_loss": {"weight": 1.0, "layer": 1, "head": 2}}).attention_loss
+    step = TrainStep(model, a)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 250, (2, 24), generator=g)
+    labels = ids.clone()
+    attend = ((0, 20, (3, 4)), (1, 15, (9,)))  # arbitrary, fixed targets: only the loss can make the head find them
+    ce_plain = step(ids, labels)
+    ce_with = step(ids, labels, attend=attend, attention_scale=0.0)  # scale 0: no hook, no change
+    assert torch.equal(ce_plain, ce_with)
+    total = step(ids, labels, attend=attend, attention_scale=3.0)
+    att = step.last_attention_sum
+    assert total.item() == pytest.approx(ce_plain.item() + 3.0 * att.item(), rel=1e-6)
+    assert model.language_model.model.layers[1].self_attn.qk_hook is None  # removed after the forward
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = att.item() / 2
+    for _ in range(30):
+        opt.zero_grad()
+        step(ids, labels, attend=attend, attention_scale=50.0).backward()
+        opt.step()
+    last = step.last_attention_sum.item() / 2
+    assert math.exp(-first) < 0.25 and math.exp(-last) > 0.9  # mean mass on the targets: from < 25% to > 90%
+
+
+def test_attention_loss_config_errors():
+    base = {"model": "m", "output_dir": "o", "data": {"sources": [{"path": "x"}]}}
+    assert from_dict(base).attention_loss is None
+    with pytest.raises(TrainConfigError, match="activation_checkpointing"):
+        from_dict({**base, "attention_loss": {}, "activation_checkpointing": True})
+    with pytest.raises(TrainConfigError, match=">= 0"):
+        from_dict({**base, "attention_loss": {"weight": -1.0}})
+    with pytest.raises(TrainConfigError, match="attention_loss.layr"):
+        from_dict({**base, "attention_loss": {"layr": 1}})
+
+
+# ----------------------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_attend_entries():
+    red_circle, blue_circle, red_star = (Obj("circle", "red", (0, 0), 0.6, (0.0, 0.0)),
+                                         Obj("circle", "blue", (2, 2), 0.6, (0.0, 0.0)),
+                                         Obj("star", "red", (1, 1), 0.6, (0.0, 0.0)))
+    sc = Scene((120, 120), (red_circle, blue_circle, red_star))
+
+    def box(o):
+        return [round(v, 2) for v in object_box(sc, o)]
+
+    assert box(red_star) == [48.0, 48.0, 72.0, 72.0]  # centre cell 40-80, shape 0.6 x 40 px wide
+    assert attend_entry(sc, "What colour is the star?") == {"turn": 0, "word": "star", "boxes": [box(red_star)]}
+    assert attend_entry(sc, "What shape is the blue object?") == {"turn": 0, "word": "blue",
+                                                                   "boxes": [box(blue_circle)]}
+    assert attend_entry(sc, "How many circles are there?") == {"turn": 0, "word": "circles",
+                                                                "boxes": [box(red_circle), box(blue_circle)]}
+    assert attend_entry(sc, "How many red objects are there?")["boxes"] == [box(red_circle), box(red_star)]
+    for q in ("What colour is the circle?",  # two circles: the key word does not pick one
+              "What shape is the red object?", "How many squares are there?", "How many objects are there?",
+              "Is there a red circle?", "Where is the red star?", "What colour is the circle at the top left?"):
+        assert attend_entry(sc, q) is None, q
+
+
+def test_write_dataset_attend_keeps_the_held_out_split(tmp_path):
+    from nvlm.train.synthetic import write_dataset
+
+    common = dict(n_train=40, n_test=10, seed=3, tile_size=112, kinds=("qa",), questions_per_image=4, text_scale=2)
+    write_dataset(tmp_path / "plain", **common)
+    meta = write_dataset(tmp_path / "att", attend=True, **common)
+    assert meta["params"]["attend"] is True
+    assert (tmp_path / "plain" / "test.jsonl").read_bytes() == (tmp_path / "att" / "test.jsonl").read_bytes()
+    plain = [json.loads(x) for x in (tmp_path / "plain" / "train.jsonl").read_text().splitlines()]
+    att = [json.loads(x) for x in (tmp_path / "att" / "train.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "attend"} for r in att] == plain  # same questions, same answers
+    with_entries = [r for r in att if "attend" in r]
+    assert with_entries and all(r["type"] in ("colour", "shape", "count") for r in with_entries)
+    for r in with_entries:
+        (e,) = r["attend"]
+        assert e["turn"] == 0 and e["word"] in r["conversations"][0]["value"]
