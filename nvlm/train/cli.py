@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,13 @@ def cmd_train(args) -> int:
     history = train(cfg, progress=progress)
     if history and args.json:
         print(json.dumps(history[-1]))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun rank that finished cleanly (checkpoints and metrics written and closed, process group
+        # destroyed) leaves without interpreter finalisation: gloo's threads can otherwise abort the process at
+        # exit ("terminate called without an active exception", exit code -6), failing a run that succeeded.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
