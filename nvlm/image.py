@@ -219,6 +219,14 @@ def find_grid(width: int, height: int, *, min_num: int = 1, max_num: int = 6, im
 # ------------------------------------------------------------------------------------------------------ tiling
 
 
+def tile_layout(grid: tuple[int, int], *, thumbnail: bool) -> list[tuple[int, int, int, int]]:
+    """The views `dynamic_tiles` / `preprocess` cut, in their order: tile (c, r) of the (cols, rows) `grid`,
+    row-major, then the thumbnail if `thumbnail`; each as (c, r, nc, nr) = tile (c, r) of an nc x nr cut of the
+    whole image (the thumbnail is (0, 0, 1, 1))."""
+    cols, rows = grid
+    return [(c, r, cols, rows) for r in range(rows) for c in range(cols)] + ([(0, 0, 1, 1)] if thumbnail else [])
+
+
 def dynamic_tiles(
     img: Image.Image, *, min_num: int = 1, max_num: int = 6, image_size: int = 448, use_thumbnail: bool = True
 ) -> list[Image.Image]:

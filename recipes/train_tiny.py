@@ -143,7 +143,7 @@ def tokenizer_corpus(data: Path, *, frame: bool = False) -> list[str]:
     `frame`: also the chat frame (system prompt, role names, image and tile tags) once per conversation, the
     frequency the model sees it, so that the BPE merges it (`assistant` one token instead of 9,
     `<tile_global_thumbnail>` 4 instead of 17). Without it the frame's pieces occur once, below the BPE's minimum
-    frequency, and are spelt out character by character (the shipped model's tokenizer).
+    frequency, and are spelt out character by character (the tokenizer of the recipe before `--bpe-frame`).
     """
     from nvlm.prompt import DEFAULT_SYSTEM, tile_tags
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nvlm.image import ImageError, preprocess
+from nvlm.image import ImageError, preprocess, tile_layout
 from nvlm.prompt import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, encode_conversation
 from nvlm.tokenizer import Tokenizer
 
@@ -395,20 +395,16 @@ def box_tokens(boxes: Sequence[Sequence[float]], size: tuple[int, int], grid: tu
     if g * g != tokens_per_tile:
         raise ValueError(f"tokens_per_tile must be a square, got {tokens_per_tile}")
     cols, rows = grid
-    w, h = size
-    views = [(c, r, cols, rows) for r in range(rows) for c in range(cols)]  # (tile col, row, image cols, rows)
-    if num_tiles == cols * rows + 1:
-        views.append((0, 0, 1, 1))
-    elif num_tiles != cols * rows:
+    if num_tiles not in (cols * rows, cols * rows + 1):
         raise ValueError(f"{num_tiles} tiles do not match a {cols}x{rows} grid (with or without a thumbnail)")
+    w, h = size
     out = []
-    for t, (c, r, nc, nr) in enumerate(views):
+    for t, (c, r, nc, nr) in enumerate(tile_layout(grid, thumbnail=num_tiles == cols * rows + 1)):
         for x0, y0, x1, y1 in boxes:  # the box in this view's token units
             bx0, bx1 = x0 / w * nc * g - c * g, x1 / w * nc * g - c * g
             by0, by1 = y0 / h * nr * g - r * g, y1 / h * nr * g - r * g
             for i in range(g):
-                oy = min(by1, i + 1) - max(by0, i)
-                if oy <= min_overlap:
+                if min(by1, i + 1) - max(by0, i) <= min_overlap:
                     continue
                 for j in range(g):
                     if min(bx1, j + 1) - max(bx0, j) > min_overlap:

@@ -578,15 +578,12 @@ def tile_views(size: tuple[int, int], *, tile_size: int, max_tiles: int,
                use_thumbnail: bool = True) -> list[tuple[float, float, int, int]]:
     """For each tile `nvlm.image.preprocess` cuts (row-major, thumbnail last), the map from image pixels to the
     tile's pixels as (sx, sy, ox, oy): x_tile = x * sx - ox, y_tile = y * sy - oy."""
-    from ..image import find_grid
+    from ..image import find_grid, tile_layout
 
     w, h = size
     cols, rows = find_grid(w, h, max_num=max_tiles, image_size=tile_size)
-    sx, sy = tile_size * cols / w, tile_size * rows / h
-    views = [(sx, sy, c * tile_size, r * tile_size) for r in range(rows) for c in range(cols)]
-    if use_thumbnail and cols * rows > 1:
-        views.append((tile_size / w, tile_size / h, 0, 0))
-    return views
+    return [(tile_size * nc / w, tile_size * nr / h, c * tile_size, r * tile_size)
+            for c, r, nc, nr in tile_layout((cols, rows), thumbnail=use_thumbnail and cols * rows > 1)]
 
 
 def _instance_map(scene: Scene) -> Image.Image:

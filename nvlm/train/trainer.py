@@ -169,26 +169,22 @@ def attention_mass_loss(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | N
     q (B, H, L, hd) and k (B, Hkv, L, hd) as the attention layer computes them (RoPE applied); the softmax is over
     the keys the query may attend to (causal, and `mask`'s packed-sample blocks).
     """
-    with torch.autocast(q.device.type, enabled=False):  # fp32 scores, as the softmax of SDPA
-        return _attention_mass_loss(q.float(), k.float(), mask, attend, head)
-
-
-def _attention_mass_loss(q, k, mask, attend, head):
     rows = torch.tensor([r for r, _, _ in attend], device=q.device)
     qpos = torch.tensor([p for _, p, _ in attend], device=q.device)
     L, hd = k.shape[2], q.shape[-1]
     kv = head // (q.shape[1] // k.shape[1])
-    scores = torch.einsum("ed,eld->el", q[rows, head, qpos], k[rows, kv]) * hd ** -0.5
-    allowed = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]
-    if mask is not None:
-        allowed = allowed & mask[rows, 0, qpos]
-    target = torch.zeros_like(allowed)
-    for e, (_, p, keys) in enumerate(attend):
-        if max(keys) > p:
-            raise ValueError(f"attend entry {e}: key positions {max(keys)} after the query position {p}")
-        target[e, list(keys)] = True
-    logp = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
-    return -torch.logsumexp(logp.masked_fill(~(target & allowed), float("-inf")), -1).sum()
+    with torch.autocast(q.device.type, enabled=False):  # fp32 throughout, as the softmax of SDPA
+        scores = torch.einsum("ed,eld->el", q[rows, head, qpos].float(), k[rows, kv].float()) * hd ** -0.5
+        allowed = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]
+        if mask is not None:
+            allowed = allowed & mask[rows, 0, qpos]
+        target = torch.zeros_like(allowed)
+        for e, (_, p, keys) in enumerate(attend):
+            if max(keys) > p:
+                raise ValueError(f"attend entry {e}: key positions {max(keys)} after the query position {p}")
+            target[e, list(keys)] = True
+        logp = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+        return -torch.logsumexp(logp.masked_fill(~(target & allowed), float("-inf")), -1).sum()
 
 
 def build_stream(cfg: TrainConfig, tokenizer, model_config, *, rank: int = 0, world_size: int = 1):
