@@ -1,10 +1,10 @@
-"""Tile-tag ablation at toy scale (the paper's Table 1 claim): the last stage of the tiny-model recipe (s4, the only
-one with multi-tile images) run three times from the same s3 model on the same data, (1) with tile tags, (2) without
+"""Tile-tag ablation at toy scale (the paper's Table 1 claim): the last stages of the tiny-model recipe (s4 and s5,
+the only ones with multi-tile images) run three times from the same s3 model on the same data, (1) with tile tags, (2) without
 tags (the tiles' tokens follow each other inside <Image>...</Image>), (3) thumbnail only (1 tile: the whole image
 at 112 px), scored on the held-out OCR questions, overall and per tile grid.
 
     python recipes/train_tiny.py --out runs/tiny-nvlm                               # the full recipe first
-    python recipes/ablate_tile_tags.py --from-run runs/tiny-nvlm --s4-steps 1000    # three shorter s4 stages
+    python recipes/ablate_tile_tags.py --from-run runs/tiny-nvlm --s4-steps 1000    # three shorter s4 (+ s5) stages
 
 Stage V and s1-s3 (the ViT and the 1x1 decoder stages) are shared, so the arms differ only where multi-tile
 images appear. Each arm is `recipes/train_tiny.py` with the same seed, data, model and steps; only how
@@ -31,15 +31,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--from-run", default="runs/tiny-nvlm", help="a train_tiny.py run: its data, ViT and s1-s3")
-    p.add_argument("--s4-steps", type=int, default=1000)
+    p.add_argument("--s4-steps", type=int, default=1000, help="steps of s4 in each arm; the later full stages run "
+                   "in the recipe's proportion (s5: half)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     a, rest = p.parse_known_args(argv)
     out = Path(a.out).resolve()
     src = Path(a.from_run).resolve()
-    shared = [c[0] for c in train_tiny.CURRICULUM[:-1]]
+    shared = [c[0] for c in train_tiny.CURRICULUM if c[0] not in train_tiny.FULL_STAGES]
+    full = {c[0]: c[4] for c in train_tiny.CURRICULUM if c[0] in train_tiny.FULL_STAGES}
     if not (src / shared[-1] / "final" / "config.json").exists():
         p.error(f"{src} has no finished stage {shared[-1]}; run recipes/train_tiny.py --out {a.from_run} first")
-    steps = [json.loads((src / "scores.json").read_text())["stage_steps"][c] for c in shared] + [a.s4_steps]
+    steps = [json.loads((src / "scores.json").read_text())["stage_steps"][c] for c in shared] + [
+        max(1, round(a.s4_steps * n / full[train_tiny.FULL_STAGES[0]])) for n in full.values()]
     results = {}
     for arm in a.arms.split(","):
         if arm not in ARMS:

@@ -162,7 +162,7 @@ def tokenizer_corpus(data: Path, *, frame: bool = False) -> list[str]:
 
 
 def stage_toml(out: Path, name: str, *, model: Path, sources: list[tuple[Path, float]], steps: int, lr: float,
-               batch: int, micro: int, warmup: int, max_tiles: int, tile_tags: bool, dtype: str = "bfloat16",
+               min_lr: float | None = None, batch: int, micro: int, warmup: int, max_tiles: int, tile_tags: bool, dtype: str = "bfloat16",
                export_dtype: str = "float32", attention_weight: float = 0.0) -> Path:
     src = "".join(f'\n[[data.sources]]\npath = "{p.as_posix()}"\nweight = {w}\n' for p, w in sources)
     attention = (f"\n[attention_loss]\nweight = {attention_weight}\nlayer = {ATTENTION_LAYER}\nhead = {ATTENTION_HEAD}\n"
@@ -171,7 +171,7 @@ def stage_toml(out: Path, name: str, *, model: Path, sources: list[tuple[Path, f
     toml.write_text(STAGE_TOML.format(
         toml=toml.as_posix(), model=model.as_posix(), output_dir=(out / name).as_posix(), seed=SEED, batch=batch,
         micro=micro, save_every=max(50, steps // 10), max_tiles=max_tiles, tile_tags=str(tile_tags).lower(),
-        sources=src, lr=lr, min_lr=lr / 20, warmup=warmup, steps=steps, dtype=dtype, export_dtype=export_dtype,
+        sources=src, lr=lr, min_lr=lr / 20 if min_lr is None else min_lr, warmup=warmup, steps=steps, dtype=dtype, export_dtype=export_dtype,
         attention=attention))
     return toml
 
@@ -197,7 +197,12 @@ CURRICULUM = (
     ("s2", [(1, 1)], 3, {"colour": 1.0, "shape": 1.0, "position": 1.0, "exist": 1.0}, 400),
     ("s3", [(1, 1)], 6, {**dict.fromkeys(NON_OCR, 1.0), "ocr": 1.0}, 2500),
     ("s4", None, 6, None, 3000),  # the full dataset (weights from --ocr-weight), 1x1 data of s3 mixed in
+    ("s5", None, 6, None, 1500),  # the same data again from s4's model, at half the peak lr (STAGE_LR)
 )
+# Peak lr of a stage as a fraction of --lr (the floor stays --lr / 20). Measured: s5 (1,500 steps at 7.5e-4) after s4
+# lifted held-out non-OCR from 63.8% to 66.5%, while s4 alone at 6,000 steps reached 65.2% (position 18.5% vs 27.0%).
+STAGE_LR = {"s5": 0.5}
+FULL_STAGES = tuple(c[0] for c in CURRICULUM if c[1] is None)  # every grid; the rest are 1x1 stages
 
 
 def main(argv=None) -> int:
@@ -206,7 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply data size and steps (default 1)")
     p.add_argument("--vision-steps", type=int, default=1500, help="stage V (ViT dense-label pretraining) steps")
     p.add_argument("--stage-steps", default=",".join(str(c[4]) for c in CURRICULUM),
-                   help="steps of the decoder stages s1..s4 (default %(default)s)")
+                   help="steps of the decoder stages s1..s5 (default %(default)s)")
     p.add_argument("--batch", type=int, default=16, help="samples (images, 4 questions each) per step")
     p.add_argument("--micro", type=int, default=16)
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -303,11 +308,13 @@ def main(argv=None) -> int:
     prev, history = vision, {}
     for (name, grids, _, _, _), n_steps in zip(CURRICULUM, steps):
         sources = [(datasets[name], 1.0)]
-        if grids is None:  # the full stage keeps the last 1x1 stage's data in the mix
-            sources = [(datasets[name], 3.0), (datasets[CURRICULUM[-2][0]], 1.0)]
-        toml = stage_toml(out, name, model=prev, sources=sources, steps=n_steps, lr=a.lr, batch=a.batch,
-                          micro=a.micro, warmup=min(50, n_steps // 5), max_tiles=a.max_tiles, tile_tags=tags,
-                          export_dtype="bfloat16" if name == CURRICULUM[-1][0] else "float32",
+        if grids is None:  # the full stages keep the last 1x1 stage's data in the mix
+            last_1x1 = [c[0] for c in CURRICULUM if c[1] is not None][-1]
+            sources = [(datasets[name], 3.0), (datasets[last_1x1], 1.0)]
+        toml = stage_toml(out, name, model=prev, sources=sources, steps=n_steps, lr=a.lr * STAGE_LR.get(name, 1.0),
+                          min_lr=a.lr / 20, batch=a.batch, micro=a.micro, warmup=min(50, n_steps // 5),
+                          max_tiles=a.max_tiles, tile_tags=tags,
+                          export_dtype="bfloat16" if grids is None else "float32",
                           attention_weight=a.attention_loss)
         if not (out / name / "final" / "config.json").exists():
             Trainer(load_config(toml), progress=progress).fit()
