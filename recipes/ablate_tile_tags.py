@@ -1,7 +1,7 @@
 """Tile-tag ablation at toy scale (the paper's Table 1 claim): the last stages of the tiny-model recipe (s4 and s5,
-the only ones with multi-tile images) run three times from the same s3 model on the same data, (1) with tile tags, (2) without
-tags (the tiles' tokens follow each other inside <Image>...</Image>), (3) thumbnail only (1 tile: the whole image
-at 112 px), scored on the held-out OCR questions, overall and per tile grid.
+the only ones with multi-tile images) run three times from the same s3 model on the same data, (1) with tile tags,
+(2) without tags (the tiles' tokens follow each other inside <Image>...</Image>), (3) thumbnail only (1 tile: the
+whole image at 112 px), scored on the held-out OCR questions, overall and per tile grid.
 
     python recipes/train_tiny.py --out runs/tiny-nvlm                               # the full recipe first
     python recipes/ablate_tile_tags.py --from-run runs/tiny-nvlm --s4-steps 1000    # three shorter s4 (+ s5) stages
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--from-run", default="runs/tiny-nvlm", help="a train_tiny.py run: its data, ViT and s1-s3")
     p.add_argument("--s4-steps", type=int, default=1000, help="steps of s4 in each arm; the later full stages run "
-                   "in the recipe's proportion (s5: half)")
+                   "in the recipe's proportion to s4 (s5: half)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     a, rest = p.parse_known_args(argv)
     out = Path(a.out).resolve()
