@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     a, rest = p.parse_known_args(argv)
     out = Path(a.out).resolve()
     src = Path(a.from_run).resolve()
-    shared = [c[0] for c in train_tiny.CURRICULUM if c[0] not in train_tiny.FULL_STAGES]
+    shared = list(train_tiny.ONE_TILE_STAGES)
     full = {c[0]: c[4] for c in train_tiny.CURRICULUM if c[0] in train_tiny.FULL_STAGES}
     if not (src / shared[-1] / "final" / "config.json").exists():
         p.error(f"{src} has no finished stage {shared[-1]}; run recipes/train_tiny.py --out {a.from_run} first")

@@ -162,7 +162,7 @@ def tokenizer_corpus(data: Path, *, frame: bool = False) -> list[str]:
 
 
 def stage_toml(out: Path, name: str, *, model: Path, sources: list[tuple[Path, float]], steps: int, lr: float,
-               min_lr: float | None = None, batch: int, micro: int, warmup: int, max_tiles: int, tile_tags: bool,
+               min_lr: float, batch: int, micro: int, warmup: int, max_tiles: int, tile_tags: bool,
                dtype: str = "bfloat16", export_dtype: str = "float32", attention_weight: float = 0.0) -> Path:
     src = "".join(f'\n[[data.sources]]\npath = "{p.as_posix()}"\nweight = {w}\n' for p, w in sources)
     attention = (f"\n[attention_loss]\nweight = {attention_weight}\nlayer = {ATTENTION_LAYER}\nhead = {ATTENTION_HEAD}\n"
@@ -171,7 +171,7 @@ def stage_toml(out: Path, name: str, *, model: Path, sources: list[tuple[Path, f
     toml.write_text(STAGE_TOML.format(
         toml=toml.as_posix(), model=model.as_posix(), output_dir=(out / name).as_posix(), seed=SEED, batch=batch,
         micro=micro, save_every=max(50, steps // 10), max_tiles=max_tiles, tile_tags=str(tile_tags).lower(),
-        sources=src, lr=lr, min_lr=lr / 20 if min_lr is None else min_lr, warmup=warmup, steps=steps, dtype=dtype,
+        sources=src, lr=lr, min_lr=min_lr, warmup=warmup, steps=steps, dtype=dtype,
         export_dtype=export_dtype, attention=attention))
     return toml
 
@@ -203,7 +203,8 @@ CURRICULUM = (
 # lifted held-out non-OCR from 63.8% to 66.5%, while s4 alone at 6,000 steps reached 65.2% (position 18.5% vs 27.0%);
 # a further 1,500 steps at a quarter of the lr after s5 gave 66.3%.
 STAGE_LR = {"s5": 0.5}
-FULL_STAGES = tuple(c[0] for c in CURRICULUM if c[1] is None)  # every grid; the rest are 1x1 stages
+FULL_STAGES = tuple(c[0] for c in CURRICULUM if c[1] is None)  # every grid
+ONE_TILE_STAGES = tuple(c[0] for c in CURRICULUM if c[1] is not None)  # 1x1 images only
 
 
 def main(argv=None) -> int:
@@ -310,8 +311,7 @@ def main(argv=None) -> int:
     for (name, grids, _, _, _), n_steps in zip(CURRICULUM, steps):
         sources = [(datasets[name], 1.0)]
         if grids is None:  # the full stages keep the last 1x1 stage's data in the mix
-            last_1x1 = [c[0] for c in CURRICULUM if c[1] is not None][-1]
-            sources = [(datasets[name], 3.0), (datasets[last_1x1], 1.0)]
+            sources = [(datasets[name], 3.0), (datasets[ONE_TILE_STAGES[-1]], 1.0)]
         toml = stage_toml(out, name, model=prev, sources=sources, steps=n_steps, lr=a.lr * STAGE_LR.get(name, 1.0),
                           min_lr=a.lr / 20, batch=a.batch, micro=a.micro, warmup=min(50, n_steps // 5),
                           max_tiles=a.max_tiles, tile_tags=tags,
