@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     full = {c[0]: c[4] for c in train_tiny.CURRICULUM if c[0] in train_tiny.FULL_STAGES}
     if not (src / shared[-1] / "final" / "config.json").exists():
         p.error(f"{src} has no finished stage {shared[-1]}; run recipes/train_tiny.py --out {a.from_run} first")
-    steps = [json.loads((src / "scores.json").read_text())["stage_steps"][c] for c in shared] + [
+    run_steps = json.loads((src / "scores.json").read_text())["stage_steps"]
+    steps = [run_steps[c] for c in shared] + [
         max(1, round(a.s4_steps * n / full[train_tiny.FULL_STAGES[0]])) for n in full.values()]
     results = {}
     for arm in a.arms.split(","):
