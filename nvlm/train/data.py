@@ -18,7 +18,10 @@ Notable:
   in the image's pixels) name, for the k-th assistant answer, a key word of its question and where in the image
   it is. The dataset turns each into (position of the word's first token in that question, positions of the image
   tokens whose square the boxes overlap, in every tile and the thumbnail) for the trainer's auxiliary attention
-  loss; an entry whose word is not in its question is dropped with a warning (counted in `.attend_dropped`).
+  loss; an entry whose word is not in its question is dropped with a warning (counted in `.attend_dropped`). An
+  entry may name the decoder `layer` and `head` it supervises (default: the `[attention_loss]` table's). An entry
+  `{"turn": k, "word": w, "from": "answer"}` (no boxes) supervises the other hop: from the position that predicts
+  the answer's first token to the word's first token.
 - Bad data never raises: `ConversationDataset` returns None (counted by reason in `.skipped`, one warning per
   reason) and `Blend` skips it. With `Blend(workers=k)` samples are built in k threads (PIL and torch release the
   GIL for the heavy parts); the stream is the same as with no workers.
@@ -62,7 +65,8 @@ class Sample:
     labels: list[int]  # input_ids where supervised, else -100; not shifted
     pixel_values: torch.Tensor | None  # (T, 3, S, S) float32, all images of the sample in order
     num_tiles: list[int] = field(default_factory=list)  # tiles per image, thumbnail included
-    attend: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (query position, key positions)
+    # (query position, key positions, (layer, head) or None for the [attention_loss] table's)
+    attend: list[tuple[int, tuple[int, ...], tuple[int, int] | None]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -78,7 +82,8 @@ class Batch:
     num_samples: int
     num_tokens: int  # real (non-pad) tokens
     num_supervised: int  # tokens that carry loss: labels[:, 1:] != -100
-    attend: tuple[tuple[int, int, tuple[int, ...]], ...] = ()  # (row, query position, key positions)
+    # (row, query position, key positions, (layer, head) or None)
+    attend: tuple[tuple[int, int, tuple[int, ...], tuple[int, int] | None], ...] = ()
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         def move(t):
@@ -121,7 +126,7 @@ def _build(rows: Sequence[Sequence[Sample]], pad_id: int) -> Batch:
             segment[r, a:b] = k
             if s.pixel_values is not None:
                 pixels.append(s.pixel_values)
-            attend += [(r, a + q, tuple(a + k for k in keys)) for q, keys in s.attend]
+            attend += [(r, a + q, tuple(a + k for k in keys), at) for q, keys, at in s.attend]
             a = b
     plain = all(len(row) == 1 for row in rows) and all(sum(ns) == L for ns in lengths)
     mask = None
@@ -365,13 +370,24 @@ def _attend_entries(raw, n_images: int) -> list[dict]:
         raise bad(f"expected a list, got {type(raw).__name__}")
     out = []
     for i, e in enumerate(raw):
-        if not isinstance(e, dict) or set(e) - {"turn", "word", "boxes", "image"}:
-            raise bad(f"entry {i} must be an object with turn, word, boxes (and image), got {e!r}")
+        if not isinstance(e, dict) or set(e) - {"turn", "word", "boxes", "image", "layer", "head", "from"}:
+            raise bad(f"entry {i} must be an object with turn, word, boxes (and image, layer, head, from), got {e!r}")
         turn, word, boxes, image = e.get("turn"), e.get("word"), e.get("boxes"), e.get("image", 0)
+        if e.get("from", "answer") != "answer" or ("from" in e) == ("boxes" in e):
+            raise bad(f"entry {i}: give either boxes (the word looks at the image) or \"from\": \"answer\" (the answer "
+                      f"looks at the word), got {e!r}")
         if not isinstance(turn, int) or isinstance(turn, bool) or turn < 0:
             raise bad(f"entry {i}: turn must be an int >= 0 (the answer's index), got {turn!r}")
         if not isinstance(word, str) or not word.strip():
             raise bad(f"entry {i}: word must be a non-empty string, got {word!r}")
+        where = None
+        if "layer" in e or "head" in e:
+            where = (e.get("layer"), e.get("head"))
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in where):
+                raise bad(f"entry {i}: layer and head must come together, as ints >= 0, got {where!r}")
+        if "from" in e:
+            out.append({"turn": turn, "word": word.strip(), "from": "answer", "at": where})
+            continue
         if not isinstance(image, int) or not 0 <= image < n_images:
             raise bad(f"entry {i}: image must index one of the record's {n_images} images, got {image!r}")
         if not isinstance(boxes, list) or not boxes or not all(
@@ -379,7 +395,7 @@ def _attend_entries(raw, n_images: int) -> list[dict]:
                 and b[0] < b[2] and b[1] < b[3] for b in boxes):
             raise bad(f"entry {i}: boxes must be a non-empty list of [x0, y0, x1, y1] with x0 < x1, y0 < y1")
         out.append({"turn": turn, "word": word.strip(), "boxes": [[float(v) for v in b] for b in boxes],
-                    "image": image})
+                    "image": image, "at": where})
     return out
 
 
@@ -606,11 +622,14 @@ class ConversationDataset(Dataset):
                     log.warning("%s: attend word %r not found in the question of answer %d; entry dropped (later "
                                 "ones are only counted)", where, e["word"], k)
                 continue
+            if e.get("from") == "answer":  # the position whose logits predict the answer's first token
+                out.append((runs[k] - 1, (q,), e.get("at")))
+                continue
             m = e["image"]
             size, grid = layouts[m]
             keys = box_tokens(e["boxes"], size, grid, tiles[m], self.tokens_per_tile)
             if keys:
-                out.append((q, tuple(pads[starts[m] + t] for t in keys)))
+                out.append((q, tuple(pads[starts[m] + t] for t in keys), e.get("at")))
         return out
 
 

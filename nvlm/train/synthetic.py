@@ -371,11 +371,18 @@ def questions(scene: Scene, rng: random.Random, n: int = 1,
     return out
 
 
-def attend_entry(scene: Scene, question: str) -> dict | None:
+def attend_entry(scene: Scene, question: str, *, extended: bool = False) -> dict | None:
     """Where a question's key word points in the image, for the trainer's attention loss (`nvlm.train.data`):
     `{"turn": 0, "word", "boxes"}` for "What colour is the <shape>?" and "What shape is the <colour> object?" (one
-    such shape), "How many <shape>s / <colour> objects are there?" (at least one); None for the other questions
+    such shape), "How many <shape>s / <colour> objects are there?" (at least one); with `extended` also "How many
+    objects are there?" (every object) and "Where is the text?" (the only text); None for the other questions
     (their key is two words, or a position, or not an object)."""
+    if question == "How many objects are there?":  # not "How many <shape>s" with shape "object"
+        if not extended or not scene.objects:
+            return None
+        return {"turn": 0, "word": "objects", "boxes": [_box(scene, o) for o in scene.objects]}
+    if question == "Where is the text?":
+        return _text_entry(scene, "text") if extended and len(scene.texts) == 1 else None
     m = (re.fullmatch(r"What colour is the (\w+)\?", question) or re.fullmatch(r"How many (\w+)s are there\?", question)
          or re.fullmatch(r"What shape is the (\w+) object\?", question)
          or re.fullmatch(r"How many (\w+) objects are there\?", question))
@@ -386,7 +393,42 @@ def attend_entry(scene: Scene, question: str) -> dict | None:
     if not objs or (question.startswith("What") and len(objs) != 1):
         return None
     word = key + "s" if question.startswith("How many") and key in SHAPES else key
-    return {"turn": 0, "word": word, "boxes": [[round(v, 2) for v in object_box(scene, o)] for o in objs]}
+    return {"turn": 0, "word": word, "boxes": [_box(scene, o) for o in objs]}
+
+
+def object_entry(scene: Scene, question: str, at: tuple[int, int]) -> dict | None:
+    """For a question about one object or text, an attention-loss entry at decoder layer/head `at` (`"layer"`,
+    `"head"`) from the question's *last* key word to that item: "What colour is the <shape>[ at the <position>]?",
+    "What shape is the <colour> object[ at the <position>]?", "Where is the <colour> <shape>?" and "Where is the
+    text?". Where the key is two words the entry needs a layer after the first, where the words before the last
+    one have reached it; one such entry for every question of these forms gives them one place to read the item
+    from. None for other questions (counts, existence, OCR, a text named by its content)."""
+    layer, head = at
+    if question == "Where is the text?":
+        e = _text_entry(scene, "text") if len(scene.texts) == 1 else None
+        return None if e is None else {**e, "layer": layer, "head": head}
+    m = re.fullmatch(r"Where is the (\w+) (\w+)\?", question)
+    if m is not None and m[1] != "text":
+        objs = [o for o in scene.objects if (o.colour, o.shape) == (m[1], m[2])]
+        word = m[2]
+    else:
+        m = (re.fullmatch(r"What colour is the (\w+)(?: at the ([\w ]+))?\?", question)
+             or re.fullmatch(r"What shape is the (\w+) object(?: at the ([\w ]+))?\?", question))
+        if m is None:
+            return None
+        objs = [o for o in scene.objects if m[1] in (o.shape, o.colour) and m[2] in (None, o.position)]
+        word = m[2].split()[-1] if m[2] else m[1]
+    if len(objs) != 1:
+        return None
+    return {"turn": 0, "word": word, "boxes": [_box(scene, objs[0])], "layer": layer, "head": head}
+
+
+def _text_entry(scene: Scene, word: str) -> dict:
+    return {"turn": 0, "word": word, "boxes": [[float(v) for v in text_box(scene, scene.texts[0])]]}
+
+
+def _box(scene: Scene, obj: Obj) -> list[float]:
+    return [round(v, 2) for v in object_box(scene, obj)]
 
 
 def describe(scene: Scene) -> str:
@@ -413,12 +455,12 @@ def multi_turn(pairs: Iterable[tuple[str, str]]) -> list[dict]:
 
 
 def _record(rid: str, image: str, question: str, answer: str, qtype: str, grid: tuple[int, int],
-            attend: dict | None = None) -> dict:
+            attend: list[dict] | None = None) -> dict:
     rec = {"id": rid, "image": image,
            "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}],
            "type": qtype, "grid": list(grid)}
-    if attend is not None:
-        rec["attend"] = [attend]
+    if attend:
+        rec["attend"] = attend
     return rec
 
 
@@ -444,6 +486,8 @@ def write_dataset(
     train_grids: Sequence[tuple[int, int]] | None = None,
     train_max_objects: int | None = None,
     attend: bool = False,
+    attend_object_at: tuple[int, int] | None = None,
+    attend_answer_at: tuple[int, int] | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
@@ -457,7 +501,10 @@ def write_dataset(
     `train_grids` restricts the training images to some of the grids (e.g. [(1, 1)] for an easy first stage) while
     the held-out split stays the one of `max_tiles`, so datasets that differ only in it share test.jsonl;
     `train_max_objects` likewise caps the shapes per training image (a curriculum stage) and leaves the test split.
-    `attend`: training QA records also get `attend` (`attend_entry`) where the question has one key word.
+    `attend`: training QA records also get `attend` (`attend_entry`) where the question has one key word;
+    `attend_object_at` = (layer, head): also `attend_entry(extended=True)` and `object_entry(at=...)`;
+    `attend_answer_at` = (layer, head): and, for a question with entries, one from the answer to its last entry's
+    word (`{"from": "answer"}`), the hop that brings what the word looked up to where the answer is predicted.
     """
     from ..image import find_grid
 
@@ -476,8 +523,16 @@ def write_dataset(
                   questions_per_image=questions_per_image, weights=weights, max_tiles=max_tiles,
                   min_objects=min_objects, max_objects=max_objects, text_prob=text_prob, max_texts=max_texts,
                   text_scale=text_scale, grids=[list(g) for g in grids])
+    if (attend_object_at or attend_answer_at) and not attend:
+        raise ValueError("attend_object_at / attend_answer_at need attend=True")
+    if attend_answer_at is not None and attend_object_at is None:
+        raise ValueError("attend_answer_at needs attend_object_at (the answer hop follows the object entries)")
     if attend:
         params["attend"] = True
+        if attend_object_at is not None:
+            params["attend_object_at"] = list(attend_object_at)
+        if attend_answer_at is not None:
+            params["attend_answer_at"] = list(attend_answer_at)
     gen = dict(tile_size=tile_size, grids=grids, min_objects=min_objects, max_objects=max_objects,
                text_prob=text_prob, max_texts=max_texts, text_scale=text_scale)
     gen_train = gen
@@ -535,7 +590,15 @@ def write_dataset(
                 if "qa" in kinds:
                     f = handles[f"{split}.jsonl"]
                     for k, (t, q, a) in enumerate(questions(scene, rng, questions_per_image, weights)):
-                        att = attend_entry(scene, q) if attend and split == "train" else None
+                        att = None
+                        if attend and split == "train":
+                            ext = attend_object_at is not None
+                            att = [e for e in (attend_entry(scene, q, extended=ext),
+                                               object_entry(scene, q, attend_object_at) if ext else None) if e]
+                            if att and attend_answer_at is not None:
+                                layer, head = attend_answer_at
+                                att.append({"turn": 0, "word": att[-1]["word"], "from": "answer", "layer": layer,
+                                            "head": head})
                         f.write(json.dumps(_record(f"{name}-{k}", image, q, a, t, grid, att)) + "\n")
                         counts[split][t] += 1
                 counts[split][f"grid {grid[0]}x{grid[1]}"] += 1
@@ -784,6 +847,28 @@ def answer_questions(pipe, records: Sequence[dict], root: str | Path, *, images:
     return out
 
 
+QUESTION_FORMS = (  # (pattern, name) of the questions `ask_*` write, first match wins
+    (r"What colour is the \w+\?", "colour of the only <shape>"),
+    (r"What colour is the \w+ at the", "colour of the <shape> at <position>"),
+    (r"What shape is the \w+ object\?", "shape of the only <colour> object"),
+    (r"What shape is the \w+ object at", "shape of the <colour> object at <position>"),
+    (r"How many objects", "count of all objects"),
+    (r"How many \w+s are", "count of a shape"),
+    (r"How many \w+ objects", "count of a colour"),
+    (r"Where is the text", "position of a text"),
+    (r"Where is the", "position of a <colour> <shape>"),
+    (r"Is there", "existence"),
+    (r"What text is written in", "text of the only text"),
+    (r"What text is written at", "text at <position>"),
+)
+
+
+def question_form(question: str) -> str:
+    """The form of a generated question ("colour of the <shape> at <position>", ...; "other" for none of them)."""
+    q = question.replace("<image>\n", "", 1)
+    return next((name for pattern, name in QUESTION_FORMS if re.match(pattern, q)), "other")
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -804,13 +889,28 @@ def _parse_weights(text: str | None) -> dict[str, float] | None:
     return out
 
 
+def _layer_head(flag: str, text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        layer, head = (int(x) for x in text.split(","))
+    except ValueError:
+        layer = head = -1
+    if min(layer, head) < 0:
+        raise ValueError(f"{flag} wants LAYER,HEAD (two ints >= 0), got {text!r}")
+    return layer, head
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     meta = write_dataset(
         args.out_dir, n_train=args.train, n_test=args.test, seed=args.seed, tile_size=args.tile_size,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
         questions_per_image=args.questions_per_image, weights=_parse_weights(args.weights),
         max_tiles=args.max_tiles, max_objects=args.max_objects, text_prob=args.text_prob,
-        text_scale=args.text_scale, attend=args.attend, overwrite=args.overwrite, progress=sys.stderr.isatty(),
+        text_scale=args.text_scale, attend=args.attend or bool(args.attend_object_head or args.attend_answer_head),
+        attend_object_at=_layer_head("--attend-object-head", args.attend_object_head),
+        attend_answer_at=_layer_head("--attend-answer-head", args.attend_answer_head),
+        overwrite=args.overwrite, progress=sys.stderr.isatty(),
     )
     if args.json:
         print(json.dumps(meta))
@@ -847,6 +947,11 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
                    "the thumbnail)")
     p.add_argument("--attend", action="store_true", help="give training QA records `attend` entries (key word -> "
                    "boxes) for the trainer's attention_loss")
+    p.add_argument("--attend-object-head", default=None, metavar="LAYER,HEAD",
+                   help="also entries at this decoder layer/head from a colour, shape or position question's last key "
+                   "word to its item (implies --attend; see the tiny-model recipe)")
+    p.add_argument("--attend-answer-head", default=None, metavar="LAYER,HEAD",
+                   help="and from the answer to that word (needs --attend-object-head)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT_DIR")
     p.add_argument("--json", action="store_true", help="print meta.json as one JSON line")
     p.set_defaults(func=cmd_synth)

@@ -9,9 +9,10 @@ Notable:
   (one all-reduce), then every micro-batch backpropagates `sum CE / global count`. The gradient is therefore the
   same for any micro-batch split and any number of ranks (FSDP2 averages over ranks, so the loss is also multiplied
   by the world size).
-- Optional auxiliary attention loss (`[attention_loss]`, records' `attend` entries): the chosen layer's attention
-  hands its RoPE'd q and k to `attention_mass_loss` through `Attention.qk_hook` during the normal forward, and
-  `weight` x the mean over the global batch's entries of -log(the head's mass on the entry's keys) joins the loss.
+- Optional auxiliary attention loss (`[attention_loss]`, records' `attend` entries): each supervised layer's
+  attention (the table's `layer`, or the one an entry names) hands its RoPE'd q and k to `attention_mass_loss`
+  through `Attention.qk_hook` during the normal forward, and `weight` x the mean over the global batch's entries
+  of -log(the entry's head's mass on its keys) joins the loss.
 - Data: each step takes `global_batch_size` samples from the deterministic blend; rank r builds only the global
   draws r, r+W, ... (so 2 ranks x micro-batch m see exactly what 1 rank x 2m sees), cut into micro-batches of
   `micro_batch_size` samples, padded (`collate`) or packed into rows of at most `max_tokens` (`pack`, one forward
@@ -137,15 +138,33 @@ class TrainStep(nn.Module):
         if not (attend and attention_scale and self.attention_loss is not None):
             return self._ce(input_ids, labels, pixel_values, position_ids, mask, vision_dummy)
         a = self.attention_loss
-        att = self.model.language_model.model.layers[a.layer].self_attn
+        layers = self.model.language_model.model.layers
+        n_heads = layers[0].self_attn.n_heads
+        groups: dict[tuple[int, int], list] = {}
+        for e in attend:
+            layer, head = e[3] if len(e) > 3 and e[3] is not None else (a.layer, a.head)
+            if not (0 <= layer < len(layers) and 0 <= head < n_heads):
+                raise ValueError(f"attend entry names layer {layer} / head {head}, outside the decoder's "
+                                 f"{len(layers)} layers / {n_heads} heads")
+            groups.setdefault((layer, head), []).append(e)
+        by_layer: dict[int, list[tuple[int, list]]] = {}
+        for (layer, head), entries in groups.items():
+            by_layer.setdefault(layer, []).append((head, entries))
         parts = []
-        att.qk_hook = lambda q, k: parts.append(attention_mass_loss(q, k, mask, attend, a.head))
+
+        def hook(heads):
+            return lambda q, k: parts.extend(attention_mass_loss(q, k, mask, entries, head) for head, entries in heads)
+
+        for layer, heads in by_layer.items():
+            layers[layer].self_attn.qk_hook = hook(heads)
         try:
             ce = self._ce(input_ids, labels, pixel_values, position_ids, mask, vision_dummy)
         finally:
-            att.qk_hook = None
-        self.last_attention_sum = parts[0].detach()
-        return ce + attention_scale * parts[0]
+            for layer in by_layer:
+                layers[layer].self_attn.qk_hook = None
+        total = torch.stack(parts).sum()
+        self.last_attention_sum = total.detach()
+        return ce + attention_scale * total
 
     def _ce(self, input_ids, labels, pixel_values, position_ids, mask, vision_dummy):
         m = self.model
@@ -164,13 +183,14 @@ class TrainStep(nn.Module):
 
 
 def attention_mass_loss(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, attend, head: int) -> torch.Tensor:
-    """sum over `attend` entries (row, query position, key positions) of -log(attention mass of `head` on the keys).
+    """sum over `attend` entries (row, query position, key positions[, target]) of -log(attention mass of `head` on
+    the keys).
 
     q (B, H, L, hd) and k (B, Hkv, L, hd) as the attention layer computes them (RoPE applied); the softmax is over
     the keys the query may attend to (causal, and `mask`'s packed-sample blocks).
     """
-    rows = torch.tensor([r for r, _, _ in attend], device=q.device)
-    qpos = torch.tensor([p for _, p, _ in attend], device=q.device)
+    rows = torch.tensor([e[0] for e in attend], device=q.device)
+    qpos = torch.tensor([e[1] for e in attend], device=q.device)
     L, hd = k.shape[2], q.shape[-1]
     kv = head // (q.shape[1] // k.shape[1])
     with torch.autocast(q.device.type, enabled=False):  # fp32 throughout, as the softmax of SDPA
@@ -179,7 +199,7 @@ def attention_mass_loss(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | N
         if mask is not None:
             allowed = allowed & mask[rows, 0, qpos]
         target = torch.zeros_like(allowed)
-        for e, (_, p, keys) in enumerate(attend):
+        for e, (_, p, keys, *_) in enumerate(attend):
             if max(keys) > p:
                 raise ValueError(f"attend entry {e}: key positions {max(keys)} after the query position {p}")
             target[e, list(keys)] = True

@@ -20,7 +20,7 @@ from nvlm.config import preset
 from nvlm.tokenizer import build_byte_tokenizer
 from nvlm.train.config import TrainConfigError, from_dict
 from nvlm.train.data import ConversationDataset, Sample, box_tokens, collate, pack, read_records
-from nvlm.train.synthetic import Obj, Scene, attend_entry, object_box
+from nvlm.train.synthetic import Obj, Scene, Text, attend_entry, object_box, object_entry, text_box
 from nvlm.train.trainer import TrainStep, attention_mass_loss
 from nvlm.weights import random_model
 
@@ -78,7 +78,9 @@ def test_dataset_turns_entries_into_positions(tok, square, caplog):
                         {"role": "user", "content": "And the red one?"}, {"role": "assistant", "content": "yes"}],
            "attend": [{"turn": 1, "word": "red", "boxes": [[28, 28, 56, 56]], "image": 0},  # token (1, 1) of 2x2
                       {"turn": 0, "word": "red", "boxes": [[0, 0, 28, 56]], "image": 0},  # tokens (0, 0), (1, 0)
-                      {"turn": 0, "word": "green", "boxes": [[0, 0, 28, 28]], "image": 0}]}  # not in the question
+                      {"turn": 0, "word": "green", "boxes": [[0, 0, 28, 28]], "image": 0},  # not in the question
+                      {"turn": 1, "word": "one", "boxes": [[0, 28, 28, 56]], "image": 0, "at": (2, 1)},
+                      {"turn": 1, "word": "red", "from": "answer", "at": (3, 0)}]}  # the answer -> the word
     ds = ConversationDataset([rec], tok, tokens_per_tile=4, image_size=56, system=None)
     with caplog.at_level(logging.WARNING, logger="nvlm.train.data"):
         s = ds[0]
@@ -90,7 +92,13 @@ def test_dataset_turns_entries_into_positions(tok, square, caplog):
     q0 = pad0 + 4 + len("</Image>\nIs the")  # the space of " red"
     q1 = len(first) + 1 + len("user\nAnd the")
     assert s.input_ids[q0:q0 + 4] == B(" red") and s.input_ids[q1:q1 + 4] == B(" red")
-    assert s.attend == [(q1, (pad0 + 3,)), (q0, (pad0, pad0 + 2))]
+    q2 = len(first) + 1 + len("user\nAnd the red")
+    assert s.input_ids[q2:q2 + 4] == B(" one")
+    assert s.attend[:2] == [(q1, (pad0 + 3,), None), (q0, (pad0, pad0 + 2), None)]
+    assert s.attend[2] == (q2, (pad0 + 2,), (2, 1))
+    yes = s.input_ids.index(ord("y"))  # the answer's first token; its logits come from the position before it
+    assert s.input_ids[yes - 10:yes] == B("assistant\n") and s.labels[yes] == ord("y") and s.labels[yes - 1] == -100
+    assert s.attend[3] == (yes - 1, (q1,), (3, 0))
     assert ds.attend_dropped == 1 and "'green' not found" in caplog.text
 
 
@@ -99,22 +107,32 @@ def test_malformed_attend_skips_the_record(tmp_path, square):
                                                     {"from": "gpt", "value": "yes"}]}
     bad = [{"turn": -1, "word": "red", "boxes": [[0, 0, 1, 1]]}, {"turn": 0, "word": "", "boxes": [[0, 0, 1, 1]]},
            {"turn": 0, "word": "red", "boxes": [[5, 0, 1, 1]]}, {"turn": 0, "word": "red", "boxes": [[0, 0, 1, 1]],
-                                                                 "image": 1}, "red"]
+                                                                 "image": 1}, "red",
+           {"turn": 0, "word": "red", "boxes": [[0, 0, 1, 1]], "layer": 1},  # a layer needs its head
+           {"turn": 0, "word": "red", "boxes": [[0, 0, 1, 1]], "layer": 1, "head": -1},
+           {"turn": 0, "word": "red", "from": "question"}, {"turn": 0, "word": "red"},  # from what? boxes?
+           {"turn": 0, "word": "red", "from": "answer", "boxes": [[0, 0, 1, 1]]}]  # both
     lines = [{**good, "attend": [e]} for e in bad] + [{**good, "attend": [{"turn": 0, "word": "red",
-                                                                            "boxes": [[0, 0, 1, 1]]}]}]
+                                                                            "boxes": [[0, 0, 1, 1]]}]},
+                                                       {**good, "attend": [{"turn": 0, "word": "red", "layer": 1,
+                                                                            "head": 0, "boxes": [[0, 0, 1, 1]]},
+                                                                           {"turn": 0, "word": "red", "from": "answer",
+                                                                            "layer": 2, "head": 1}]}]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     recs = read_records(path)
-    assert len(recs) == 1 and recs.skipped == {"bad_attend": 5}
-    assert recs[0]["attend"] == [{"turn": 0, "word": "red", "boxes": [[0.0, 0.0, 1.0, 1.0]], "image": 0}]
+    assert len(recs) == 2 and recs.skipped == {"bad_attend": 10}
+    assert recs[0]["attend"] == [{"turn": 0, "word": "red", "boxes": [[0.0, 0.0, 1.0, 1.0]], "image": 0, "at": None}]
+    assert recs[1]["attend"][0]["at"] == (1, 0)
+    assert recs[1]["attend"][1] == {"turn": 0, "word": "red", "from": "answer", "at": (2, 1)}
 
 
 def test_packing_offsets_attend_positions():
-    a = Sample([1, 2, 3, 4], [-100, -100, 3, 4], None, attend=[(2, (0, 1))])
-    b = Sample([5, 6, 7], [-100, 6, 7], None, attend=[(1, (0,)), (2, (0, 1))])
+    a = Sample([1, 2, 3, 4], [-100, -100, 3, 4], None, attend=[(2, (0, 1), None)])
+    b = Sample([5, 6, 7], [-100, 6, 7], None, attend=[(1, (0,), (1, 0)), (2, (0, 1), None)])
     (row,) = pack([a, b], max_tokens=16, pad_id=0)
-    assert row.attend == ((0, 2, (0, 1)), (0, 5, (4,)), (0, 6, (4, 5)))
-    assert collate([a, b], pad_id=0).attend == ((0, 2, (0, 1)), (1, 1, (0,)), (1, 2, (0, 1)))
+    assert row.attend == ((0, 2, (0, 1), None), (0, 5, (4,), (1, 0)), (0, 6, (4, 5), None))
+    assert collate([a, b], pad_id=0).attend == ((0, 2, (0, 1), None), (1, 1, (0,), (1, 0)), (1, 2, (0, 1), None))
     assert row.to("cpu").attend == row.attend
 
 
@@ -171,6 +189,33 @@ def test_attention_loss_trains_the_head_and_leaves_ce_alone(tok):
     assert math.exp(-first) < 0.25 and math.exp(-last) > 0.9  # mean mass on the targets: from < 25% to > 90%
 
 
+def test_entries_naming_their_layer_and_head_are_summed_per_head(tok):
+    cfg = preset("tiny", vocab_size=300)
+    model = random_model(cfg, seed=0)
+    model.image_token_id = tok.vision_pad_id
+    a = from_dict({"model": "m", "output_dir": "o", "data": {"sources": [{"path": "x"}]},
+                   "attention_loss": {"weight": 1.0, "layer": 1, "head": 2}}).attention_loss
+    step = TrainStep(model, a)
+    ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(2))
+    default, e1, e2, e3 = (0, 20, (3, 4), None), (1, 15, (9,), (0, 1)), (0, 18, (2,), (1, 0)), (1, 22, (5, 6), (0, 1))
+    with torch.no_grad():
+        step(ids, ids.clone(), attend=(default, e1, e2, e3), attention_scale=1.0)
+        got = step.last_attention_sum.item()
+        layers = model.language_model.model.layers
+        qk = {}
+        for i in (0, 1):
+            layers[i].self_attn.qk_hook = lambda q, k, i=i: qk.__setitem__(i, (q, k))
+        step(ids, ids.clone())
+        for i in (0, 1):
+            layers[i].self_attn.qk_hook = None
+    want = (attention_mass_loss(*qk[1], None, [default], 2) + attention_mass_loss(*qk[0], None, [e1, e3], 1)
+            + attention_mass_loss(*qk[1], None, [e2], 0))
+    assert got == pytest.approx(want.item(), rel=1e-5)
+    assert all(layer.self_attn.qk_hook is None for layer in layers)
+    with pytest.raises(ValueError, match="outside the decoder"):
+        step(ids, ids.clone(), attend=((0, 20, (3,), (len(layers), 0)),), attention_scale=1.0)
+
+
 def test_attention_loss_config_errors():
     base = {"model": "m", "output_dir": "o", "data": {"sources": [{"path": "x"}]}}
     assert from_dict(base).attention_loss is None
@@ -207,6 +252,41 @@ def test_synthetic_attend_entries():
         assert attend_entry(sc, q) is None, q
 
 
+def test_synthetic_object_entries():
+    red_circle, blue_circle, red_star = (Obj("circle", "red", (0, 0), 0.6, (0.0, 0.0)),
+                                         Obj("circle", "blue", (2, 2), 0.6, (0.0, 0.0)),
+                                         Obj("star", "red", (1, 1), 0.6, (0.0, 0.0)))
+    sc = Scene((120, 120), (red_circle, blue_circle, red_star), (Text("AB", (2, 0)),))
+
+    def box(o):
+        return [round(v, 2) for v in object_box(sc, o)]
+
+    def entry(q):
+        return object_entry(sc, q, (1, 3))
+
+    at = {"layer": 1, "head": 3}
+    # from the last key word to the one item the answer is about, whatever the question's form
+    assert entry("Where is the red star?") == {"turn": 0, "word": "star", "boxes": [box(red_star)], **at}
+    assert entry("What colour is the star?") == {"turn": 0, "word": "star", "boxes": [box(red_star)], **at}
+    assert entry("What colour is the circle at the top left?") == {"turn": 0, "word": "left",
+                                                                     "boxes": [box(red_circle)], **at}
+    assert entry("What colour is the circle at the bottom right?")["boxes"] == [box(blue_circle)]
+    assert entry("What shape is the red object at the center?") == {"turn": 0, "word": "center",
+                                                                       "boxes": [box(red_star)], **at}
+    assert entry("What shape is the blue object?") == {"turn": 0, "word": "blue", "boxes": [box(blue_circle)], **at}
+    assert entry("Where is the text?") == {"turn": 0, "word": "text",
+                                           "boxes": [[float(v) for v in text_box(sc, sc.texts[0])]], **at}
+    for q in ("What colour is the circle?", "Where is the blue star?", "Is there a red circle?",
+              "How many circles are there?", "How many objects are there?", "Where is the text 'AB'?",
+              "What text is written in the image?"):
+        assert entry(q) is None, q
+    # the one-word entries of two more forms, at the table's layer and head
+    assert attend_entry(sc, "How many objects are there?", extended=True) == {
+        "turn": 0, "word": "objects", "boxes": [box(red_circle), box(blue_circle), box(red_star)]}
+    assert attend_entry(sc, "Where is the text?", extended=True)["boxes"] == entry("Where is the text?")["boxes"]
+    assert attend_entry(sc, "How many objects are there?") is None and attend_entry(sc, "Where is the text?") is None
+
+
 def test_write_dataset_attend_keeps_the_held_out_split(tmp_path):
     from nvlm.train.synthetic import write_dataset
 
@@ -223,3 +303,17 @@ def test_write_dataset_attend_keeps_the_held_out_split(tmp_path):
     for r in with_entries:
         (e,) = r["attend"]
         assert e["turn"] == 0 and e["word"] in r["conversations"][0]["value"]
+    meta = write_dataset(tmp_path / "two", attend=True, attend_object_at=(1, 0), **common)
+    assert meta["params"]["attend_object_at"] == [1, 0]
+    assert (tmp_path / "two" / "test.jsonl").read_bytes() == (tmp_path / "plain" / "test.jsonl").read_bytes()
+    two = [json.loads(x) for x in (tmp_path / "two" / "train.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "attend"} for r in two] == plain
+    later = [r for r in two if any("layer" in e for e in r.get("attend", []))]
+    assert {r["type"] for r in later} == {"position", "colour", "shape"}
+    assert all(e["layer"] == 1 and e["head"] == 0 for r in later for e in r["attend"] if "layer" in e)
+    assert len([r for r in two if "attend" in r]) > len(with_entries)  # and one-word entries of more forms
+    write_dataset(tmp_path / "ans", attend=True, attend_object_at=(1, 0), attend_answer_at=(2, 1), **common)
+    ans = [json.loads(x) for x in (tmp_path / "ans" / "train.jsonl").read_text().splitlines()]
+    assert [r.get("attend") for r in ans] == [
+        r["attend"] + [{"turn": 0, "word": r["attend"][-1]["word"], "from": "answer", "layer": 2, "head": 1}]
+        if "attend" in r else None for r in two]

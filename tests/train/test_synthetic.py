@@ -330,6 +330,16 @@ def test_cli_parser(tmp_path):
     with pytest.raises(ValueError, match="TYPE=NUMBER"):
         args = parser.parse_args(["synth", str(tmp_path / "e"), "--weights", "ocr"])
         args.func(args)
+    args = parser.parse_args(["synth", str(tmp_path / "f"), "--train", "20", "--test", "0", "--attend-object-head",
+                              "1,0", "--attend-answer-head", "2,1"])
+    assert args.func(args) == 0
+    meta = json.loads((tmp_path / "f" / "meta.json").read_text())
+    assert meta["params"]["attend"] and meta["params"]["attend_object_at"] == [1, 0]
+    assert meta["params"]["attend_answer_at"] == [2, 1]
+    for flags, match in ((["--attend-object-head", "1"], "LAYER,HEAD"), (["--attend-answer-head", "2,0"], "needs")):
+        with pytest.raises(ValueError, match=match):
+            args = parser.parse_args(["synth", str(tmp_path / "g"), "--train", "1", "--test", "0", *flags])
+            args.func(args)
 
 
 def test_train_grids_restrict_training_images_and_keep_the_held_out_split(tmp_path):
@@ -342,3 +352,23 @@ def test_train_grids_restrict_training_images_and_keep_the_held_out_split(tmp_pa
     assert easy["params"]["train_grids"] == [[1, 1]] and "train_grids" not in full["params"]
     with pytest.raises(ValueError, match="train_grids"):
         write_dataset(tmp_path / "c", n_train=1, n_test=0, tile_size=56, max_tiles=1, train_grids=[(2, 1)])
+
+
+def test_question_form_names_every_question_the_generator_asks():
+    from nvlm.train.synthetic import question_form
+
+    assert question_form("<image>\nWhat colour is the circle?") == "colour of the only <shape>"
+    assert question_form("What colour is the circle at the top left?") == "colour of the <shape> at <position>"
+    assert question_form("How many objects are there?") == "count of all objects"
+    assert question_form("How many red objects are there?") == "count of a colour"
+    assert question_form("How many stars are there?") == "count of a shape"
+    assert question_form("Where is the text 'AB'?") == question_form("Where is the text?") == "position of a text"
+    assert question_form("Where is the red star?") == "position of a <colour> <shape>"
+    assert question_form("What text is written at the top?") == "text at <position>"
+    assert question_form("Describe the image.") == "other"
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        scene = generate_scene(rng, tile_size=112, text_scale=2)
+        seen |= {question_form(q) for _, q, _ in questions(scene, rng, 4)}
+    assert "other" not in seen and len(seen) == 12
