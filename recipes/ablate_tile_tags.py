@@ -1,13 +1,13 @@
-"""Tile-tag ablation at toy scale (the paper's Table 1 claim): the last stages of the tiny-model recipe (s4 and s5,
-the only ones with multi-tile images) run three times from the same s3 model on the same data, (1) with tile tags,
-(2) without tags (the tiles' tokens follow each other inside <Image>...</Image>), (3) thumbnail only (1 tile: the
-whole image at 112 px), scored on the held-out OCR questions, overall and per tile grid.
+"""Tile-tag ablation at toy scale (the paper's Table 1 claim): the full-grid stages of the tiny-model recipe (s2 and
+s3, the only ones with multi-tile images) run three times from the same s1 model on the same data, (1) with tile
+tags, (2) without tags (the tiles' tokens follow each other inside <Image>...</Image>), (3) thumbnail only (1 tile:
+the whole image at 112 px), scored on the held-out OCR questions, overall and per tile grid (and non-OCR).
 
-    python recipes/train_tiny.py --out runs/tiny-nvlm                               # the full recipe first
-    python recipes/ablate_tile_tags.py --from-run runs/tiny-nvlm --s4-steps 1000    # three shorter s4 (+ s5) stages
+    python recipes/train_tiny.py --out runs/tiny-nvlm                                 # the full recipe first
+    python recipes/ablate_tile_tags.py --from-run runs/tiny-nvlm --full-steps 500     # three shorter s2 (+ s3) stages
 
-Stage V and s1-s3 (the ViT and the 1x1 decoder stages) are shared, so the arms differ only where multi-tile
-images appear. Each arm is `recipes/train_tiny.py` with the same seed, data, model and steps; only how
+Stage V and s1 (the ViT and the 1x1 decoder stage) are shared, so the arms differ only where multi-tile images
+appear. Each arm is `recipes/train_tiny.py` with the same seed, data, model and steps; only how
 the image reaches the decoder differs. The last line of stdout is one JSON object with the three arms' scores.
 """
 
@@ -30,9 +30,9 @@ GRIDS = ("1x1", "2x1", "1x2", "2x2", "3x2", "2x3")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/ablation")
-    p.add_argument("--from-run", default="runs/tiny-nvlm", help="a train_tiny.py run: its data, ViT and s1-s3")
-    p.add_argument("--s4-steps", type=int, default=1000, help="steps of s4 in each arm; the later full stages run "
-                   "in the recipe's proportion to s4 (s5: half)")
+    p.add_argument("--from-run", default="runs/tiny-nvlm", help="a train_tiny.py run: its data, ViT and 1x1 stages")
+    p.add_argument("--full-steps", type=int, default=500, help="steps of the first full-grid stage in each arm; the "
+                   "later ones run in the recipe's proportion to it")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     a, rest = p.parse_known_args(argv)
     out = Path(a.out).resolve()
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         p.error(f"{src} has no finished stage {shared[-1]}; run recipes/train_tiny.py --out {a.from_run} first")
     run_steps = json.loads((src / "scores.json").read_text())["stage_steps"]
     steps = [run_steps[c] for c in shared] + [
-        max(1, round(a.s4_steps * n / full[train_tiny.FULL_STAGES[0]])) for n in full.values()]
+        max(1, round(a.full_steps * n / full[train_tiny.FULL_STAGES[0]])) for n in full.values()]
     results = {}
     for arm in a.arms.split(","):
         if arm not in ARMS:
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         print(f"{arm:<16}{s['ocr']['accuracy']:>7.3f}"
               + "".join(f"{s.get('ocr/' + g, {}).get('accuracy', float('nan')):>9.3f}" for g in GRIDS)
               + f"{r['non_ocr_accuracy']:>9.3f}{r['train_minutes']:>10.1f}")
-    print(json.dumps({"from_run": a.from_run, "s4_steps": a.s4_steps, "arms": {
+    print(json.dumps({"from_run": a.from_run, "full_steps": a.full_steps, "arms": {
         arm: {"ocr": r["scores"]["ocr"]["accuracy"], "non_ocr": round(r["non_ocr_accuracy"], 4),
               "ocr_by_grid": {g: r["scores"][f"ocr/{g}"]["accuracy"] for g in GRIDS if f"ocr/{g}" in r["scores"]},
               "train_minutes": r["train_minutes"]} for arm, r in results.items()}}))

@@ -889,7 +889,8 @@ def _parse_weights(text: str | None) -> dict[str, float] | None:
     return out
 
 
-def _layer_head(flag: str, text: str | None) -> tuple[int, int] | None:
+def parse_layer_head(flag: str, text: str | None) -> tuple[int, int] | None:
+    """'LAYER,HEAD' -> (layer, head); '' or None -> None; ValueError naming `flag` otherwise."""
     if not text:
         return None
     try:
@@ -908,8 +909,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         questions_per_image=args.questions_per_image, weights=_parse_weights(args.weights),
         max_tiles=args.max_tiles, max_objects=args.max_objects, text_prob=args.text_prob,
         text_scale=args.text_scale, attend=args.attend or bool(args.attend_object_head or args.attend_answer_head),
-        attend_object_at=_layer_head("--attend-object-head", args.attend_object_head),
-        attend_answer_at=_layer_head("--attend-answer-head", args.attend_answer_head),
+        attend_object_at=parse_layer_head("--attend-object-head", args.attend_object_head),
+        attend_answer_at=parse_layer_head("--attend-answer-head", args.attend_answer_head),
         overwrite=args.overwrite, progress=sys.stderr.isatty(),
     )
     if args.json:
