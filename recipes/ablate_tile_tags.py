@@ -1,7 +1,7 @@
 """Tile-tag ablation at toy scale (the paper's Table 1 claim): the full-grid stages of the tiny-model recipe (s2 and
 s3, the only ones with multi-tile images) run three times from the same s1 model on the same data, (1) with tile
 tags, (2) without tags (the tiles' tokens follow each other inside <Image>...</Image>), (3) thumbnail only (1 tile:
-the whole image at 112 px), scored on the held-out OCR questions, overall and per tile grid (and non-OCR).
+the whole image at 112 px), scored on the held-out OCR questions, overall and per tile grid (and the other types).
 
     python recipes/train_tiny.py --out runs/tiny-nvlm                                 # the full recipe first
     python recipes/ablate_tile_tags.py --from-run runs/tiny-nvlm --full-steps 500     # three shorter s2 (+ s3) stages
@@ -25,6 +25,11 @@ import train_tiny  # noqa: E402
 
 ARMS = {"tags": [], "no-tags": ["--no-tile-tags"], "thumbnail-only": ["--max-tiles", "1"]}
 GRIDS = ("1x1", "2x1", "1x2", "2x2", "3x2", "2x3")
+
+
+def full_minutes(summary: dict) -> float:
+    """Minutes of steps of the full-grid stages (the only ones the arms differ in) in a train_tiny.py summary."""
+    return sum(summary["minutes"][f"{name}_s"] for name in train_tiny.FULL_STAGES)
 
 
 def main(argv=None) -> int:
@@ -65,10 +70,17 @@ def main(argv=None) -> int:
         print(f"{arm:<16}{s['ocr']['accuracy']:>7.3f}"
               + "".join(f"{s.get('ocr/' + g, {}).get('accuracy', float('nan')):>9.3f}" for g in GRIDS)
               + f"{r['non_ocr_accuracy']:>9.3f}{r['train_minutes']:>10.1f}")
+    # the other question types per arm, and the minutes of the stages the arms differ in
+    print(f"{'arm':<16}" + "".join(f"{t:>10}" for t in train_tiny.NON_OCR) + f"{'full min':>10}")
+    for arm, r in results.items():
+        print(f"{arm:<16}" + "".join(f"{r['scores'][t]['accuracy']:>10.3f}" for t in train_tiny.NON_OCR)
+              + f"{full_minutes(r):>10.1f}")
     print(json.dumps({"from_run": a.from_run, "full_steps": a.full_steps, "arms": {
         arm: {"ocr": r["scores"]["ocr"]["accuracy"], "non_ocr": round(r["non_ocr_accuracy"], 4),
               "ocr_by_grid": {g: r["scores"][f"ocr/{g}"]["accuracy"] for g in GRIDS if f"ocr/{g}" in r["scores"]},
-              "train_minutes": r["train_minutes"]} for arm, r in results.items()}}))
+              "types": {t: r["scores"][t]["accuracy"] for t in train_tiny.NON_OCR},
+              "train_minutes": r["train_minutes"], "full_stage_minutes": round(full_minutes(r), 2)}
+        for arm, r in results.items()}}))
     return 0
 
 
