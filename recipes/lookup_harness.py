@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,12 +42,12 @@ def main(argv=None) -> int:
 
     import nvlm
     from nvlm.train.config import load_config
-    from nvlm.train.synthetic import QTYPES, answer_questions, evaluate, question_form, read_jsonl, write_dataset
+    from nvlm.train.synthetic import QTYPES, answer_questions, evaluate, read_jsonl, write_dataset
     from nvlm.train.trainer import Trainer
 
     torch.set_num_threads(a.threads)
-    object_at = train_tiny._layer_head(p, "--object-head", a.object_head)
-    answer_at = train_tiny._layer_head(p, "--answer-head", a.answer_head)
+    object_at = train_tiny.layer_head_arg(p, "--object-head", a.object_head)
+    answer_at = train_tiny.layer_head_arg(p, "--answer-head", a.answer_head)
     if answer_at and not object_at:
         p.error("--answer-head needs --object-head")
     out = Path(a.out).resolve()
@@ -77,23 +76,19 @@ def main(argv=None) -> int:
     pipe = nvlm.load(out / "stage" / "final", device="cpu", dtype="float32")
     preds = answer_questions(pipe, records, eval_dir)
     scores = evaluate(list(zip(records, preds)))
-    right, seen = Counter(), Counter()
-    for r, pred in zip(records, preds):
-        f = question_form(r["conversations"][0]["value"])
-        seen[f] += 1
-        right[f] += pred.strip().lower() == r["conversations"][-1]["value"].lower()
+    forms = train_tiny.form_scores(records, preds)
     print(f"{'type / form':<46}{'n':>6}{'accuracy':>10}")
     for g in (*train_tiny.NON_OCR, "all"):
         print(f"{g:<46}{scores[g]['n']:>6}{scores[g]['accuracy']:>10.3f}")
-    for name in sorted(seen):
-        print(f"  {name:<44}{seen[name]:>6}{right[name] / seen[name]:>10.3f}")
+    for name, r in forms.items():
+        print(f"  {name:<44}{r['n']:>6}{r['accuracy']:>10.3f}")
     print(json.dumps({
         "vision": a.vision, "steps": a.steps, "batch": a.batch, "lr": a.lr,
         "object_head": list(object_at) if object_at else None, "answer_head": list(answer_at) if answer_at else None,
         "train_minutes": round(sum(r["step_time_s"] for r in rows) / 60, 1), "eval_s": round(time.perf_counter() - t),
         "non_ocr": round(scores["all"]["accuracy"], 4),
         "types": {g: round(scores[g]["accuracy"], 4) for g in train_tiny.NON_OCR},
-        "forms": {name: round(right[name] / seen[name], 4) for name in sorted(seen)}}))
+        "forms": {name: r["accuracy"] for name, r in forms.items()}}))
     return 0
 
 

@@ -182,17 +182,24 @@ def stage_toml(out: Path, name: str, *, model: Path, sources: list[tuple[Path, f
 def evaluate_model(pipe, data: Path, *, max_tiles: int | None = None, tile_tags: bool = True,
                    progress: bool = False) -> tuple[dict, dict]:
     """Greedy answers of `pipe` to the held-out questions of `data/test.jsonl`, scored per type and OCR grid
-    (`synthetic.evaluate`), and per question form: {form: {"n", "accuracy"}}."""
-    from nvlm.train.synthetic import answer_questions, evaluate, normalize_answer, question_form, read_jsonl
+    (`synthetic.evaluate`), and per question form (`form_scores`)."""
+    from nvlm.train.synthetic import answer_questions, evaluate, read_jsonl
 
     records = read_jsonl(data / "test.jsonl")
     preds = answer_questions(pipe, records, data, max_tiles=max_tiles, tile_tags=tile_tags, progress=progress)
+    return (evaluate(list(zip(records, preds)), baseline_records=read_jsonl(data / "train.jsonl")),
+            form_scores(records, preds))
+
+
+def form_scores(records: list[dict], preds: list[str]) -> dict:
+    """Exact match (`normalize_answer`) per question form (`synthetic.question_form`): {form: {"n", "accuracy"}}."""
+    from nvlm.train.synthetic import normalize_answer, question_form
+
     forms: dict[str, list[bool]] = defaultdict(list)
     for r, pred in zip(records, preds):
         forms[question_form(r["conversations"][0]["value"])].append(
             normalize_answer(pred) == normalize_answer(r["conversations"][-1]["value"]))
-    return (evaluate(list(zip(records, preds)), baseline_records=read_jsonl(data / "train.jsonl")),
-            {f: {"n": len(ok), "accuracy": round(sum(ok) / len(ok), 4)} for f, ok in sorted(forms.items())})
+    return {f: {"n": len(ok), "accuracy": round(sum(ok) / len(ok), 4)} for f, ok in sorted(forms.items())}
 
 
 # Decoder curriculum: (name, training grids, most shapes per image, question types (weight), steps). Each stage
@@ -214,7 +221,8 @@ FULL_STAGES = tuple(c[0] for c in CURRICULUM if c[1] is None)  # every grid
 ONE_TILE_STAGES = tuple(c[0] for c in CURRICULUM if c[1] is not None)  # 1x1 images only
 
 
-def _layer_head(p: argparse.ArgumentParser, flag: str, text: str) -> tuple[int, int] | None:
+def layer_head_arg(p: argparse.ArgumentParser, flag: str, text: str) -> tuple[int, int] | None:
+    """A LAYER,HEAD flag (`synthetic.parse_layer_head`), or the parser's usage error."""
     from nvlm.train.synthetic import parse_layer_head
 
     try:
@@ -276,8 +284,8 @@ def main(argv=None) -> int:
     skip = {t for t in a.skip_types.split(",") if t}
     if skip - set(QTYPES):
         p.error(f"--skip-types: unknown question types {sorted(skip - set(QTYPES))}; known: {', '.join(QTYPES)}")
-    object_at = _layer_head(p, "--object-head", a.object_head)
-    answer_at = _layer_head(p, "--answer-head", a.answer_head)
+    object_at = layer_head_arg(p, "--object-head", a.object_head)
+    answer_at = layer_head_arg(p, "--answer-head", a.answer_head)
     if answer_at and not object_at:
         p.error("--answer-head needs --object-head")
     if not a.attention_loss:

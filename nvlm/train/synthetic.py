@@ -382,7 +382,7 @@ def attend_entry(scene: Scene, question: str, *, extended: bool = False) -> dict
             return None
         return {"turn": 0, "word": "objects", "boxes": [_box(scene, o) for o in scene.objects]}
     if question == "Where is the text?":
-        return _text_entry(scene, "text") if extended and len(scene.texts) == 1 else None
+        return _text_entry(scene) if extended and len(scene.texts) == 1 else None
     m = (re.fullmatch(r"What colour is the (\w+)\?", question) or re.fullmatch(r"How many (\w+)s are there\?", question)
          or re.fullmatch(r"What shape is the (\w+) object\?", question)
          or re.fullmatch(r"How many (\w+) objects are there\?", question))
@@ -405,7 +405,7 @@ def object_entry(scene: Scene, question: str, at: tuple[int, int]) -> dict | Non
     from. None for other questions (counts, existence, OCR, a text named by its content)."""
     layer, head = at
     if question == "Where is the text?":
-        e = _text_entry(scene, "text") if len(scene.texts) == 1 else None
+        e = _text_entry(scene) if len(scene.texts) == 1 else None
         return None if e is None else {**e, "layer": layer, "head": head}
     m = re.fullmatch(r"Where is the (\w+) (\w+)\?", question)
     if m is not None and m[1] != "text":
@@ -423,8 +423,8 @@ def object_entry(scene: Scene, question: str, at: tuple[int, int]) -> dict | Non
     return {"turn": 0, "word": word, "boxes": [_box(scene, objs[0])], "layer": layer, "head": head}
 
 
-def _text_entry(scene: Scene, word: str) -> dict:
-    return {"turn": 0, "word": word, "boxes": [[float(v) for v in text_box(scene, scene.texts[0])]]}
+def _text_entry(scene: Scene) -> dict:
+    return {"turn": 0, "word": "text", "boxes": [[float(v) for v in text_box(scene, scene.texts[0])]]}
 
 
 def _box(scene: Scene, obj: Obj) -> list[float]:

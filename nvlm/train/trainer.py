@@ -140,20 +140,18 @@ class TrainStep(nn.Module):
         a = self.attention_loss
         layers = self.model.language_model.model.layers
         n_heads = layers[0].self_attn.n_heads
-        groups: dict[tuple[int, int], list] = {}
+        by_layer: dict[int, dict[int, list]] = {}  # layer -> head -> its entries
         for e in attend:
             layer, head = e[3] if len(e) > 3 and e[3] is not None else (a.layer, a.head)
             if not (0 <= layer < len(layers) and 0 <= head < n_heads):
                 raise ValueError(f"attend entry names layer {layer} / head {head}, outside the decoder's "
                                  f"{len(layers)} layers / {n_heads} heads")
-            groups.setdefault((layer, head), []).append(e)
-        by_layer: dict[int, list[tuple[int, list]]] = {}
-        for (layer, head), entries in groups.items():
-            by_layer.setdefault(layer, []).append((head, entries))
+            by_layer.setdefault(layer, {}).setdefault(head, []).append(e)
         parts = []
 
         def hook(heads):
-            return lambda q, k: parts.extend(attention_mass_loss(q, k, mask, entries, head) for head, entries in heads)
+            return lambda q, k: parts.extend(attention_mass_loss(q, k, mask, entries, head)
+                                             for head, entries in heads.items())
 
         for layer, heads in by_layer.items():
             layers[layer].self_attn.qk_hook = hook(heads)
@@ -183,8 +181,8 @@ class TrainStep(nn.Module):
 
 
 def attention_mass_loss(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, attend, head: int) -> torch.Tensor:
-    """sum over `attend` entries (row, query position, key positions[, target]) of -log(attention mass of `head` on
-    the keys).
+    """sum over `attend` entries (row, query position, key positions[, (layer, head)]) of -log(attention mass of
+    `head` on the keys); the entries' own (layer, head) is the caller's business (TrainStep groups by it).
 
     q (B, H, L, hd) and k (B, Hkv, L, hd) as the attention layer computes them (RoPE applied); the softmax is over
     the keys the query may attend to (causal, and `mask`'s packed-sample blocks).
