@@ -6,8 +6,9 @@ changes what the decoder learns: the harness behind the README's findings table.
     python recipes/lookup_harness.py --vision runs/tiny-nvlm/vision --out runs/harness/no-hop --answer-head ''
 
 One `nvlm train` stage (the recipe's settings: stage `sft` with the ViT frozen, batch 32, lr 1e-3 -> 5e-5, bf16
-autocast, packing, attention loss weight 1) on 1x1 scenes with up to 6 shapes and texts in 70% of them (questions
-of every type but OCR, 4 per image as one conversation), from a recipe run's stage-V checkpoint; then greedy
+autocast where the CPU has it natively (`--dtype`), packing, attention loss weight 1) on 1x1 scenes with up to 6
+shapes and texts in 70% of them (questions of every type but OCR, 4 per image as one conversation), from a recipe
+run's stage-V checkpoint; then greedy
 answers to the non-OCR questions about 600 unseen 1x1 scenes (their own seed, not the held-out split of the
 shipped model), scored per question type and per question form. The supervision is the recipe's: the one-word
 lookups at the `[attention_loss]` table's head (layer 0, head 0), `--object-head` and `--answer-head` as in
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--object-head", default="1,0", metavar="LAYER,HEAD")
     p.add_argument("--answer-head", default="2,0", metavar="LAYER,HEAD")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="auto = bf16 autocast on a CPU with native bf16, else float32 (train_tiny.resolve_dtype)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
 
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
         train_tiny.group_turns(train_dir / "train.jsonl", turns, set(train_tiny.NON_OCR))
     toml = train_tiny.stage_toml(out, "stage", model=Path(a.vision).resolve(), sources=[(turns, 1.0)], steps=a.steps,
                                  lr=a.lr, min_lr=a.lr / 20, batch=a.batch, micro=a.batch, warmup=min(50, a.steps // 5),
-                                 max_tiles=6, tile_tags=True, attention_weight=1.0)
+                                 max_tiles=6, tile_tags=True, attention_weight=1.0,
+                                 dtype=train_tiny.resolve_dtype(a.dtype))
     if not (out / "stage" / "final" / "config.json").exists():
         Trainer(load_config(toml), progress=sys.stderr.isatty()).fit()
     rows = [json.loads(line) for line in (out / "stage" / "metrics.jsonl").read_text().splitlines()]

@@ -93,3 +93,25 @@ def test_tokenizer_corpus_frame_option_merges_the_prompt_frame_but_spells_texts_
     a = pieces[True].index("assistant")
     assert pieces[True][a + 2:a + 6] == ["Q", "Z", "X", "7"]  # texts to read: one character per token
     assert len(pieces[True]) < len(pieces[False]) - 20
+
+
+def test_read_harness_scores_ocr_answers_per_character():
+    harness = load_script("recipes/read_harness.py")
+    recs = [record("a.png", "What text is written in the image?", t) for t in ("AB7", "QQ", "K9M2")]
+    got = harness.char_scores(recs, ["AB7", " QZ", "K9"])
+    # (answers are stripped) position 0: A, Q, K right -> 3/3; 1: B right, Z for Q, 9 right -> 2/3;
+    # 2: 7 right, M missing -> 1/2; 3: 2 missing -> 0/1. Exact: the first only; length right: the first two.
+    assert got == {"n": 3, "exact": round(1 / 3, 4), "length": round(2 / 3, 4),
+                   "by_position": {0: 1.0, 1: round(2 / 3, 4), 2: 0.5, 3: 0.0}}
+
+
+def test_recipe_dtype_auto_follows_the_cpu(monkeypatch):
+    recipe = load_recipe()
+    import nvlm.train.trainer as trainer
+
+    assert recipe.resolve_dtype("float32") == "float32" and recipe.resolve_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    assert recipe.resolve_dtype("auto") == "bfloat16"
+    for answer in (False, None):  # no native bf16, or unknown: float32
+        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda answer=answer: answer)
+        assert recipe.resolve_dtype("auto") == "float32"

@@ -21,7 +21,9 @@ Notable:
   loss; an entry whose word is not in its question is dropped with a warning (counted in `.attend_dropped`). An
   entry may name the decoder `layer` and `head` it supervises (default: the `[attention_loss]` table's). An entry
   `{"turn": k, "word": w, "from": "answer"}` (no boxes) supervises the other hop: from the position that predicts
-  the answer's first token to the word's first token.
+  the answer's first token to the word's first token. An entry `{"turn": k, "answer_token": j, "boxes": [...]}`
+  (no word) supervises reading: from the position that predicts the answer's j-th token (0 = the first) to the
+  boxes' image tokens, e.g. the j-th character of a text answer to that glyph; one past the answer is dropped.
 - Bad data never raises: `ConversationDataset` returns None (counted by reason in `.skipped`, one warning per
   reason) and `Blend` skips it. With `Blend(workers=k)` samples are built in k threads (PIL and torch release the
   GIL for the heavy parts); the stream is the same as with no workers.
@@ -370,10 +372,19 @@ def _attend_entries(raw, n_images: int) -> list[dict]:
         raise bad(f"expected a list, got {type(raw).__name__}")
     out = []
     for i, e in enumerate(raw):
-        if not isinstance(e, dict) or set(e) - {"turn", "word", "boxes", "image", "layer", "head", "from"}:
-            raise bad(f"entry {i} must be an object with turn, word, boxes (and image, layer, head, from), got {e!r}")
+        if not isinstance(e, dict) or set(e) - {"turn", "word", "boxes", "image", "layer", "head", "from",
+                                                 "answer_token"}:
+            raise bad(f"entry {i} must be an object with turn, word or answer_token, boxes (and image, layer, head, "
+                      f"from), got {e!r}")
         turn, word, boxes, image = e.get("turn"), e.get("word"), e.get("boxes"), e.get("image", 0)
-        if e.get("from", "answer") != "answer" or ("from" in e) == ("boxes" in e):
+        token = e.get("answer_token")
+        if "answer_token" in e:
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise bad(f"entry {i}: answer_token must be an int >= 0 (a token of the answer), got {token!r}")
+            if "word" in e or "from" in e or "boxes" not in e:
+                raise bad(f"entry {i}: an answer_token entry has boxes and neither word nor from, got {e!r}")
+            word = "-"  # not looked up
+        elif e.get("from", "answer") != "answer" or ("from" in e) == ("boxes" in e):
             raise bad(f"entry {i}: give either boxes (the word looks at the image) or \"from\": \"answer\" (the answer "
                       f"looks at the word), got {e!r}")
         if not isinstance(turn, int) or isinstance(turn, bool) or turn < 0:
@@ -394,8 +405,11 @@ def _attend_entries(raw, n_images: int) -> list[dict]:
                 isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
                 and b[0] < b[2] and b[1] < b[3] for b in boxes):
             raise bad(f"entry {i}: boxes must be a non-empty list of [x0, y0, x1, y1] with x0 < x1, y0 < y1")
-        out.append({"turn": turn, "word": word.strip(), "boxes": [[float(v) for v in b] for b in boxes],
-                    "image": image, "at": where})
+        entry = {"turn": turn, "word": word.strip(), "boxes": [[float(v) for v in b] for b in boxes],
+                 "image": image, "at": where}
+        if token is not None:
+            entry = {**entry, "word": None, "answer_token": token}
+        out.append(entry)
     return out
 
 
@@ -607,7 +621,10 @@ class ConversationDataset(Dataset):
         for e in entries:
             k = e["turn"]
             q = None
-            if k < len(runs):
+            if e.get("answer_token") is not None:
+                if k < len(runs) and runs[k] + e["answer_token"] <= ends[k]:
+                    q = runs[k] - 1 + e["answer_token"]  # the position whose logits predict that token
+            elif k < len(runs):
                 lo, hi = (ends[k - 1] + 1 if k else 0), runs[k]
                 word = self.tokenizer.encode(" " + e["word"])
                 for i in range(hi - len(word), lo - 1, -1):
@@ -618,7 +635,10 @@ class ConversationDataset(Dataset):
                 with self._lock:
                     self.attend_dropped += 1
                     first = self.attend_dropped == 1
-                if first:
+                if first and e.get("answer_token") is not None:
+                    log.warning("%s: attend answer_token %d is past answer %d; entry dropped (later ones are only "
+                                "counted)", where, e["answer_token"], k)
+                elif first:
                     log.warning("%s: attend word %r not found in the question of answer %d; entry dropped (later "
                                 "ones are only counted)", where, e["word"], k)
                 continue

@@ -423,6 +423,30 @@ def object_entry(scene: Scene, question: str, at: tuple[int, int]) -> dict | Non
     return {"turn": 0, "word": word, "boxes": [_box(scene, objs[0])], "layer": layer, "head": head}
 
 
+def glyph_boxes(scene: Scene, text: Text) -> list[list[float]]:
+    """(x0, y0, x1, y1) of each character's glyph cell, its ink rows only (1-8 of the font's 11), in image pixels."""
+    x0, y0, _, _ = text_box(scene, text)
+    k = scene.text_scale
+    return [[float(x0 + i * GLYPH_W * k), float(y0 + k), float(x0 + (i + 1) * GLYPH_W * k), float(y0 + 9 * k)]
+            for i in range(len(text.text))]
+
+
+def ocr_entries(scene: Scene, question: str, at: tuple[int, int]) -> list[dict]:
+    """For an OCR question ("What text is written in the image?" / "... at the <position>?"), one attention-loss
+    entry per character at decoder layer/head `at`: from the position that predicts the answer's j-th token (the
+    tokenizer spells texts one character per token) to the j-th glyph (`glyph_boxes`). [] for other questions."""
+    if question == "What text is written in the image?":
+        texts = list(scene.texts) if len(scene.texts) == 1 else []
+    else:
+        m = re.fullmatch(r"What text is written at the ([\w ]+)\?", question)
+        texts = [t for t in scene.texts if m and t.position == m[1]]
+    if len(texts) != 1:
+        return []
+    layer, head = at
+    return [{"turn": 0, "answer_token": j, "boxes": [b], "layer": layer, "head": head}
+            for j, b in enumerate(glyph_boxes(scene, texts[0]))]
+
+
 def _text_entry(scene: Scene) -> dict:
     return {"turn": 0, "word": "text", "boxes": [[float(v) for v in text_box(scene, scene.texts[0])]]}
 
@@ -488,6 +512,7 @@ def write_dataset(
     attend: bool = False,
     attend_object_at: tuple[int, int] | None = None,
     attend_answer_at: tuple[int, int] | None = None,
+    attend_ocr_at: tuple[int, int] | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
@@ -504,7 +529,8 @@ def write_dataset(
     `attend`: training QA records also get `attend` (`attend_entry`) where the question has one key word;
     `attend_object_at` = (layer, head): also `attend_entry(extended=True)` and `object_entry(at=...)`;
     `attend_answer_at` = (layer, head): and, for a question with entries, one from the answer to its last entry's
-    word (`{"from": "answer"}`), the hop that brings what the word looked up to where the answer is predicted.
+    word (`{"from": "answer"}`), the hop that brings what the word looked up to where the answer is predicted;
+    `attend_ocr_at` = (layer, head): OCR questions get `ocr_entries` (answer character j -> glyph j).
     """
     from ..image import find_grid
 
@@ -523,8 +549,8 @@ def write_dataset(
                   questions_per_image=questions_per_image, weights=weights, max_tiles=max_tiles,
                   min_objects=min_objects, max_objects=max_objects, text_prob=text_prob, max_texts=max_texts,
                   text_scale=text_scale, grids=[list(g) for g in grids])
-    if (attend_object_at or attend_answer_at) and not attend:
-        raise ValueError("attend_object_at / attend_answer_at need attend=True")
+    if (attend_object_at or attend_answer_at or attend_ocr_at) and not attend:
+        raise ValueError("attend_object_at / attend_answer_at / attend_ocr_at need attend=True")
     if attend_answer_at is not None and attend_object_at is None:
         raise ValueError("attend_answer_at needs attend_object_at (the answer hop follows the object entries)")
     if attend:
@@ -533,6 +559,8 @@ def write_dataset(
             params["attend_object_at"] = list(attend_object_at)
         if attend_answer_at is not None:
             params["attend_answer_at"] = list(attend_answer_at)
+        if attend_ocr_at is not None:
+            params["attend_ocr_at"] = list(attend_ocr_at)
     gen = dict(tile_size=tile_size, grids=grids, min_objects=min_objects, max_objects=max_objects,
                text_prob=text_prob, max_texts=max_texts, text_scale=text_scale)
     gen_train = gen
@@ -599,6 +627,8 @@ def write_dataset(
                                 layer, head = attend_answer_at
                                 att.append({"turn": 0, "word": att[-1]["word"], "from": "answer", "layer": layer,
                                             "head": head})
+                            if attend_ocr_at is not None and t == "ocr":
+                                att += ocr_entries(scene, q, attend_ocr_at)
                         f.write(json.dumps(_record(f"{name}-{k}", image, q, a, t, grid, att)) + "\n")
                         counts[split][t] += 1
                 counts[split][f"grid {grid[0]}x{grid[1]}"] += 1
@@ -680,7 +710,8 @@ def _label_glyphs(labels: dict, t: int, glyphs, view, tile_size: int, patch: int
                 TEXT_CHARS.index(ch) + 1
 
 
-def _glyph_centres(scene: Scene, text: Text) -> list[tuple[float, float, str]]:
+def glyph_centres(scene: Scene, text: Text) -> list[tuple[float, float, str]]:
+    """(x, y, character) of each glyph's ink centre, in image pixels."""
     x0, y0, _, _ = text_box(scene, text)
     k = scene.text_scale
     return [(x0 + (i + 0.5) * GLYPH_W * k, y0 + GLYPH_INK_Y * k, ch) for i, ch in enumerate(text.text)]
@@ -711,7 +742,7 @@ def patch_labels(scene: Scene, *, tile_size: int = 112, patch_size: int = 14, ma
     colour_of = np.array([0] + [list(COLOURS).index(o.colour) + 1 for o in scene.objects])
     shape_of = np.array([0] + [SHAPES.index(o.shape) + 1 for o in scene.objects])
     items = ([(object_box(scene, o), 1) for o in scene.objects] + [(text_box(scene, t), 2) for t in scene.texts])
-    glyphs = [g for t in scene.texts for g in _glyph_centres(scene, t)]
+    glyphs = [g for t in scene.texts for g in glyph_centres(scene, t)]
     for t, (sx, sy, ox, oy) in enumerate(views):
         view = np.asarray(inst.resize((round(w * sx), round(h * sy)), Image.NEAREST))[oy:oy + tile_size,
                                                                                          ox:ox + tile_size]
@@ -908,9 +939,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
         questions_per_image=args.questions_per_image, weights=_parse_weights(args.weights),
         max_tiles=args.max_tiles, max_objects=args.max_objects, text_prob=args.text_prob,
-        text_scale=args.text_scale, attend=args.attend or bool(args.attend_object_head or args.attend_answer_head),
+        text_scale=args.text_scale,
+        attend=args.attend or bool(args.attend_object_head or args.attend_answer_head or args.attend_ocr_head),
         attend_object_at=parse_layer_head("--attend-object-head", args.attend_object_head),
         attend_answer_at=parse_layer_head("--attend-answer-head", args.attend_answer_head),
+        attend_ocr_at=parse_layer_head("--attend-ocr-head", args.attend_ocr_head),
         overwrite=args.overwrite, progress=sys.stderr.isatty(),
     )
     if args.json:
@@ -953,6 +986,9 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
                    "word to its item (implies --attend; see the tiny-model recipe)")
     p.add_argument("--attend-answer-head", default=None, metavar="LAYER,HEAD",
                    help="and from the answer to that word (needs --attend-object-head)")
+    p.add_argument("--attend-ocr-head", default=None, metavar="LAYER,HEAD",
+                   help="entries at this layer/head from the position predicting an OCR answer's j-th character to "
+                   "the j-th glyph (implies --attend)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT_DIR")
     p.add_argument("--json", action="store_true", help="print meta.json as one JSON line")
     p.set_defaults(func=cmd_synth)

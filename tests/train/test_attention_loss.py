@@ -20,7 +20,8 @@ from nvlm.config import preset
 from nvlm.tokenizer import build_byte_tokenizer
 from nvlm.train.config import TrainConfigError, from_dict
 from nvlm.train.data import ConversationDataset, Sample, box_tokens, collate, pack, read_records
-from nvlm.train.synthetic import Obj, Scene, Text, attend_entry, object_box, object_entry, text_box
+from nvlm.train.synthetic import (Obj, Scene, Text, attend_entry, glyph_boxes, object_box, object_entry, ocr_entries,
+                                  text_box)
 from nvlm.train.trainer import TrainStep, attention_mass_loss
 from nvlm.weights import random_model
 
@@ -102,6 +103,24 @@ def test_dataset_turns_entries_into_positions(tok, square, caplog):
     assert ds.attend_dropped == 1 and "'green' not found" in caplog.text
 
 
+def test_answer_token_entries_look_from_each_answer_position(tok, square, caplog):
+    rec = {"images": [str(square)], "source": "rec",
+           "messages": [{"role": "user", "content": "<image>\nRead it."}, {"role": "assistant", "content": "AB"}],
+           "attend": [{"turn": 0, "answer_token": 0, "boxes": [[0, 0, 28, 28]], "image": 0, "at": (3, 0)},
+                      {"turn": 0, "answer_token": 1, "boxes": [[28, 0, 56, 28]], "image": 0, "at": (3, 0)},
+                      {"turn": 0, "answer_token": 4, "boxes": [[0, 0, 28, 28]], "image": 0, "at": (3, 0)}]}
+    ds = ConversationDataset([rec], tok, tokens_per_tile=4, image_size=56, system=None)
+    with caplog.at_level(logging.WARNING, logger="nvlm.train.data"):
+        s = ds[0]
+    pad0 = 1 + len("user\n<Image>") + len("<tile_global_thumbnail>")
+    a = s.input_ids.index(ord("A"))
+    assert s.input_ids[a:a + 4] == [ord("A"), ord("B"), E, NL] and s.labels[a - 1] == -100
+    # the logits at a - 1 predict "A" (glyph 0), those at a predict "B" (glyph 1); the answer is A B <|im_end|> \n,
+    # so token 4 is past it
+    assert s.attend == [(a - 1, (pad0,), (3, 0)), (a, (pad0 + 1,), (3, 0))]
+    assert ds.attend_dropped == 1 and "answer_token 4 is past answer 0" in caplog.text
+
+
 def test_malformed_attend_skips_the_record(tmp_path, square):
     good = {"image": str(square), "conversations": [{"from": "human", "value": "<image>\nred?"},
                                                     {"from": "gpt", "value": "yes"}]}
@@ -111,20 +130,27 @@ def test_malformed_attend_skips_the_record(tmp_path, square):
            {"turn": 0, "word": "red", "boxes": [[0, 0, 1, 1]], "layer": 1},  # a layer needs its head
            {"turn": 0, "word": "red", "boxes": [[0, 0, 1, 1]], "layer": 1, "head": -1},
            {"turn": 0, "word": "red", "from": "question"}, {"turn": 0, "word": "red"},  # from what? boxes?
-           {"turn": 0, "word": "red", "from": "answer", "boxes": [[0, 0, 1, 1]]}]  # both
+           {"turn": 0, "word": "red", "from": "answer", "boxes": [[0, 0, 1, 1]]},  # both
+           {"turn": 0, "answer_token": -1, "boxes": [[0, 0, 1, 1]]}, {"turn": 0, "answer_token": 0},  # no boxes
+           {"turn": 0, "answer_token": 0, "word": "red", "boxes": [[0, 0, 1, 1]]},  # a word or a token, not both
+           {"turn": 0, "answer_token": True, "boxes": [[0, 0, 1, 1]]}]
     lines = [{**good, "attend": [e]} for e in bad] + [{**good, "attend": [{"turn": 0, "word": "red",
                                                                             "boxes": [[0, 0, 1, 1]]}]},
                                                        {**good, "attend": [{"turn": 0, "word": "red", "layer": 1,
                                                                             "head": 0, "boxes": [[0, 0, 1, 1]]},
                                                                            {"turn": 0, "word": "red", "from": "answer",
-                                                                            "layer": 2, "head": 1}]}]
+                                                                            "layer": 2, "head": 1}]},
+                                                       {**good, "attend": [{"turn": 0, "answer_token": 1,
+                                                                            "boxes": [[0, 0, 1, 1]]}]}]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     recs = read_records(path)
-    assert len(recs) == 2 and recs.skipped == {"bad_attend": 10}
+    assert len(recs) == 3 and recs.skipped == {"bad_attend": 14}
     assert recs[0]["attend"] == [{"turn": 0, "word": "red", "boxes": [[0.0, 0.0, 1.0, 1.0]], "image": 0, "at": None}]
     assert recs[1]["attend"][0]["at"] == (1, 0)
     assert recs[1]["attend"][1] == {"turn": 0, "word": "red", "from": "answer", "at": (2, 1)}
+    assert recs[2]["attend"] == [{"turn": 0, "word": None, "answer_token": 1, "boxes": [[0.0, 0.0, 1.0, 1.0]],
+                                  "image": 0, "at": None}]
 
 
 def test_packing_offsets_attend_positions():
@@ -287,6 +313,26 @@ def test_synthetic_object_entries():
     assert attend_entry(sc, "How many objects are there?") is None and attend_entry(sc, "Where is the text?") is None
 
 
+def test_synthetic_ocr_entries():
+    # 120x120 image, cells of 40 px; text scale 2: glyphs advance 12 px, ink rows 1-8 of 11 -> y 2..18 of 22
+    sc = Scene((120, 120), (Obj("circle", "red", (0, 0)),), (Text("AB7", (1, 2)), Text("QQ", (2, 0))),
+               text_scale=2)
+    x0, y0, x1, y1 = text_box(sc, sc.texts[0])
+    assert (x0, y0, x1, y1) == (42, 89, 78, 111)  # 36x22 px centred in the cell 40-80 x 80-120
+    assert glyph_boxes(sc, sc.texts[0]) == [[42.0, 91.0, 54.0, 107.0], [54.0, 91.0, 66.0, 107.0],
+                                            [66.0, 91.0, 78.0, 107.0]]
+    got = ocr_entries(sc, "What text is written at the bottom?", (3, 1))
+    assert got == [{"turn": 0, "answer_token": j, "boxes": [b], "layer": 3, "head": 1}
+                   for j, b in enumerate(glyph_boxes(sc, sc.texts[0]))]
+    assert [e["boxes"] for e in ocr_entries(sc, "What text is written at the top right?", (3, 1))] == [
+        [b] for b in glyph_boxes(sc, sc.texts[1])]
+    # two texts: "in the image" names none; no text at the position; not an OCR question
+    for q in ("What text is written in the image?", "What text is written at the top left?", "Where is the text?"):
+        assert ocr_entries(sc, q, (3, 1)) == [], q
+    one = Scene((120, 120), (), (Text("K9", (0, 1)),), text_scale=2)
+    assert len(ocr_entries(one, "What text is written in the image?", (3, 1))) == 2
+
+
 def test_write_dataset_attend_keeps_the_held_out_split(tmp_path):
     from nvlm.train.synthetic import write_dataset
 
@@ -317,3 +363,14 @@ def test_write_dataset_attend_keeps_the_held_out_split(tmp_path):
     assert [r.get("attend") for r in ans] == [
         r["attend"] + [{"turn": 0, "word": r["attend"][-1]["word"], "from": "answer", "layer": 2, "head": 1}]
         if "attend" in r else None for r in two]
+    write_dataset(tmp_path / "ocr", attend=True, attend_object_at=(1, 0), attend_answer_at=(2, 1),
+                  attend_ocr_at=(3, 0), **common)
+    ocr = [json.loads(x) for x in (tmp_path / "ocr" / "train.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "attend"} for r in ocr] == plain
+    reads = [r for r in ocr if any("answer_token" in e for e in r.get("attend", []))]
+    assert reads and {r["type"] for r in reads} == {"ocr"}
+    for r, before in zip(ocr, ans):
+        extra = r.get("attend", [])[len(before.get("attend") or []):]
+        answer = r["conversations"][1]["value"]
+        assert [e["answer_token"] for e in extra] == (list(range(len(answer))) if r in reads else [])
+        assert all(e["layer"] == 3 and e["head"] == 0 for e in extra)

@@ -336,6 +336,14 @@ def test_cli_parser(tmp_path):
     meta = json.loads((tmp_path / "f" / "meta.json").read_text())
     assert meta["params"]["attend"] and meta["params"]["attend_object_at"] == [1, 0]
     assert meta["params"]["attend_answer_at"] == [2, 1]
+    args = parser.parse_args(["synth", str(tmp_path / "o"), "--train", "20", "--test", "0", "--weights", "ocr=1",
+                              "--text-prob", "1", "--tile-size", "112", "--text-scale", "2", "--attend-ocr-head", "3,0"])
+    assert args.func(args) == 0
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["params"]["attend"] and meta["params"]["attend_ocr_at"] == [3, 0]
+    recs = [json.loads(x) for x in (tmp_path / "o" / "train.jsonl").read_text().splitlines()]
+    reads = [r for r in recs if r.get("attend")]
+    assert reads and all(len(r["attend"]) == len(r["conversations"][1]["value"]) for r in reads)
     for flags, match in ((["--attend-object-head", "1"], "LAYER,HEAD"), (["--attend-answer-head", "2,0"], "needs")):
         with pytest.raises(ValueError, match=match):
             args = parser.parse_args(["synth", str(tmp_path / "g"), "--train", "1", "--test", "0", *flags])

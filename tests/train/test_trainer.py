@@ -18,7 +18,7 @@ from nvlm.tokenizer import build_byte_tokenizer
 from nvlm.train.checkpoint import MARKER, latest_checkpoint, list_checkpoints
 from nvlm.train.config import LoraConfig, OptimizerConfig, TrainConfigError, load_config
 from nvlm.train.lora import apply_lora, merge_lora
-from nvlm.train.trainer import Trainer, lr_at
+from nvlm.train.trainer import Trainer, cpu_has_native_bf16, lr_at
 from nvlm.weights import load_checkpoint, random_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -237,6 +237,29 @@ def test_packing_gives_the_padded_loss(base, data, tmp_path):
     assert [m["supervised_tokens"] for m in b] == [m["supervised_tokens"] for m in a]
     assert all(m["efficiency"] == 1.0 for m in b)  # packed rows carry no padding
     assert all(0 < m["efficiency"] < 1.0 for m in a)
+
+
+def test_cpu_native_bf16_from_cpuinfo_flags():
+    xeon = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    epyc = "processor\t: 0\nflags\t\t: fpu sse2 fma avx2 sha_ni\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+    assert cpu_has_native_bf16(xeon) is True and cpu_has_native_bf16(arm) is True
+    assert cpu_has_native_bf16(epyc) is False
+    assert cpu_has_native_bf16("processor\t: 0\n") is None  # no flags line: unknown
+
+
+def test_bf16_on_a_cpu_without_it_warns(base, data, tmp_path, monkeypatch, caplog):
+    import nvlm.train.trainer as trainer
+
+    for native, warned in ((False, True), (True, False), (None, False)):
+        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda native=native: native)
+        caplog.clear()
+        Trainer(make_config(base, data, tmp_path / f"w{native}", "optimizer.max_steps=1", "dtype=bfloat16"))
+        assert ("emulates it" in caplog.text) == warned, native
+    caplog.clear()
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    Trainer(make_config(base, data, tmp_path / "fp32", "optimizer.max_steps=1"))  # auto = fp32 on CPU: no warning
+    assert "emulates it" not in caplog.text
 
 
 def test_activation_checkpointing_and_bf16(base, data, tmp_path):
