@@ -158,8 +158,7 @@ def main(argv=None) -> int:
     toml = train_tiny.stage_toml(out, "stage", model=Path(a.model).resolve(), sources=[(turns, 1.0)], steps=a.steps,
                                  lr=a.lr, min_lr=5e-5, batch=a.batch, micro=a.batch, warmup=min(30, a.steps // 5),
                                  max_tiles=6, tile_tags=True, attention_weight=1.0,
-                                 dtype=train_tiny.resolve_dtype(a.dtype))
-    toml.write_text(toml.read_text().replace('stage = "sft"', f'stage = "{a.stage}"', 1))
+                                 dtype=train_tiny.resolve_dtype(a.dtype), stage=a.stage)
     if not (out / "stage" / "final" / "config.json").exists():
         Trainer(load_config(toml), progress=sys.stderr.isatty()).fit()
     rows = [json.loads(line) for line in (out / "stage" / "metrics.jsonl").read_text().splitlines()]
@@ -171,9 +170,6 @@ def main(argv=None) -> int:
     scores = evaluate(list(zip(records, preds)))
     ocr = [(r, pr) for r, pr in zip(records, preds) if r["type"] == "ocr"]
     chars = char_scores([r for r, _ in ocr], [pr for _, pr in ocr])
-    non_ocr = train_tiny.NON_OCR
-    n = sum(scores[g]["n"] for g in non_ocr)
-    non_ocr_acc = sum(scores[g]["accuracy"] * scores[g]["n"] for g in non_ocr) / max(1, n)
     print(f"{'type':<12}{'n':>6}{'accuracy':>10}")
     for g in (*train_tiny.NON_OCR, "ocr"):
         print(f"{g:<12}{scores[g]['n']:>6}{scores[g]['accuracy']:>10.3f}")
@@ -190,7 +186,8 @@ def main(argv=None) -> int:
         "model": a.model, "stage": a.stage, "steps": a.steps, "batch": a.batch, "lr": a.lr, "ocr_head": list(ocr_at),
         "dtype": train_tiny.resolve_dtype(a.dtype),
         "train_minutes": round(sum(r["step_time_s"] for r in rows) / 60, 1), "eval_s": round(time.perf_counter() - t),
-        "final_attention_loss": rows[-1].get("attention_loss"), "non_ocr": round(non_ocr_acc, 4),
+        "final_attention_loss": rows[-1].get("attention_loss"),
+        "non_ocr": round(train_tiny.non_ocr_accuracy(scores), 4),
         "ocr": scores["ocr"]["accuracy"], "ocr_chars": chars, "probe": probes,
         "types": {g: round(scores[g]["accuracy"], 4) for g in train_tiny.NON_OCR}}))
     return 0

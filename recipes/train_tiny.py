@@ -60,7 +60,7 @@ ATTENTION_LAYER, ATTENTION_HEAD = 0, 0
 
 STAGE_TOML = """\
 # nvlm train {toml}   (written by recipes/train_tiny.py)
-stage = "sft"
+stage = "{stage}"
 model = "{model}"
 output_dir = "{output_dir}"
 seed = {seed}
@@ -178,14 +178,14 @@ def resolve_dtype(choice: str) -> str:
 
 def stage_toml(out: Path, name: str, *, model: Path, sources: list[tuple[Path, float]], steps: int, lr: float,
                min_lr: float, batch: int, micro: int, warmup: int, max_tiles: int, tile_tags: bool,
-               dtype: str, export_dtype: str = "float32", attention_weight: float = 0.0) -> Path:
+               dtype: str, export_dtype: str = "float32", attention_weight: float = 0.0, stage: str = "sft") -> Path:
     src = "".join(f'\n[[data.sources]]\npath = "{p.as_posix()}"\nweight = {w}\n' for p, w in sources)
     attention = (f"\n[attention_loss]\nweight = {attention_weight}\nlayer = {ATTENTION_LAYER}\nhead = {ATTENTION_HEAD}\n"
                  if attention_weight else "")
     toml = out / f"{name}.toml"
     toml.write_text(STAGE_TOML.format(
-        toml=toml.as_posix(), model=model.as_posix(), output_dir=(out / name).as_posix(), seed=SEED, batch=batch,
-        micro=micro, save_every=max(50, steps // 10), max_tiles=max_tiles, tile_tags=str(tile_tags).lower(),
+        toml=toml.as_posix(), stage=stage, model=model.as_posix(), output_dir=(out / name).as_posix(), seed=SEED,
+        batch=batch, micro=micro, save_every=max(50, steps // 10), max_tiles=max_tiles, tile_tags=str(tile_tags).lower(),
         sources=src, lr=lr, min_lr=min_lr, warmup=warmup, steps=steps, dtype=dtype,
         export_dtype=export_dtype, attention=attention))
     return toml
@@ -201,6 +201,12 @@ def evaluate_model(pipe, data: Path, *, max_tiles: int | None = None, tile_tags:
     preds = answer_questions(pipe, records, data, max_tiles=max_tiles, tile_tags=tile_tags, progress=progress)
     return (evaluate(list(zip(records, preds)), baseline_records=read_jsonl(data / "train.jsonl")),
             form_scores(records, preds))
+
+
+def non_ocr_accuracy(scores: dict) -> float:
+    """Exact match over the non-OCR question types of `synthetic.evaluate`'s scores, weighted by their counts."""
+    rows = [scores[t] for t in NON_OCR if t in scores]
+    return sum(r["accuracy"] * r["n"] for r in rows) / max(1, sum(r["n"] for r in rows))
 
 
 def form_scores(records: list[dict], preds: list[str]) -> dict:
@@ -402,7 +408,6 @@ def main(argv=None) -> int:
         print(f"{g:<12}{r['n']:>5}{r['accuracy']:>10.3f}{r['majority_accuracy']:>10.3f}")
     for f, r in forms.items():
         print(f"  {f:<44}{r['n']:>5}{r['accuracy']:>10.3f}")
-    non_ocr = [r for g, r in scores.items() if g in NON_OCR]
     train_s = times["vision_s"] + sum(times[f"{c[0]}_s"] for c in CURRICULUM)
     summary = {
         "params": n_params, "vision_steps": round(a.vision_steps * a.scale),
@@ -414,7 +419,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "final_loss": history, "vision": summary_v["final"],
         "minutes": {k: round(v / 60, 2) for k, v in times.items()}, "train_minutes": round(train_s / 60, 1),
-        "non_ocr_accuracy": sum(r["accuracy"] * r["n"] for r in non_ocr) / max(1, sum(r["n"] for r in non_ocr)),
+        "non_ocr_accuracy": non_ocr_accuracy(scores),
         "scores": {g: {"n": r["n"], "accuracy": round(r["accuracy"], 4),
                        "majority_accuracy": round(r["majority_accuracy"], 4)} for g, r in scores.items()},
         "forms": forms,

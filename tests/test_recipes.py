@@ -115,3 +115,10 @@ def test_recipe_dtype_auto_follows_the_cpu(monkeypatch):
     for answer in (False, None):  # no native bf16, or unknown: float32
         monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda answer=answer: answer)
         assert recipe.resolve_dtype("auto") == "float32"
+
+
+def test_non_ocr_accuracy_weights_types_by_their_counts():
+    recipe = load_recipe()
+    scores = {"colour": {"n": 10, "accuracy": 1.0}, "count": {"n": 30, "accuracy": 0.5},
+              "ocr": {"n": 50, "accuracy": 0.0}, "all": {"n": 90, "accuracy": 0.2778}}
+    assert recipe.non_ocr_accuracy(scores) == (10 * 1.0 + 30 * 0.5) / 40  # OCR and "all" left out

@@ -383,13 +383,12 @@ def _attend_entries(raw, n_images: int) -> list[dict]:
                 raise bad(f"entry {i}: answer_token must be an int >= 0 (a token of the answer), got {token!r}")
             if "word" in e or "from" in e or "boxes" not in e:
                 raise bad(f"entry {i}: an answer_token entry has boxes and neither word nor from, got {e!r}")
-            word = "-"  # not looked up
         elif e.get("from", "answer") != "answer" or ("from" in e) == ("boxes" in e):
             raise bad(f"entry {i}: give either boxes (the word looks at the image) or \"from\": \"answer\" (the answer "
                       f"looks at the word), got {e!r}")
         if not isinstance(turn, int) or isinstance(turn, bool) or turn < 0:
             raise bad(f"entry {i}: turn must be an int >= 0 (the answer's index), got {turn!r}")
-        if not isinstance(word, str) or not word.strip():
+        if token is None and (not isinstance(word, str) or not word.strip()):
             raise bad(f"entry {i}: word must be a non-empty string, got {word!r}")
         where = None
         if "layer" in e or "head" in e:
@@ -405,11 +404,9 @@ def _attend_entries(raw, n_images: int) -> list[dict]:
                 isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
                 and b[0] < b[2] and b[1] < b[3] for b in boxes):
             raise bad(f"entry {i}: boxes must be a non-empty list of [x0, y0, x1, y1] with x0 < x1, y0 < y1")
-        entry = {"turn": turn, "word": word.strip(), "boxes": [[float(v) for v in b] for b in boxes],
-                 "image": image, "at": where}
-        if token is not None:
-            entry = {**entry, "word": None, "answer_token": token}
-        out.append(entry)
+        entry = {"turn": turn, "word": None if token is not None else word.strip(),
+                 "boxes": [[float(v) for v in b] for b in boxes], "image": image, "at": where}
+        out.append(entry if token is None else {**entry, "answer_token": token})
     return out
 
 
